@@ -1,0 +1,40 @@
+"""Reward registry.
+
+A reward scores decoded images for their requested classes:
+    reward(images, labels) -> scores
+with `images` [N, 3, H, W] float in [-1, 1], `labels` [N] long, `scores` [N] float32 (higher is
+better). Rewards are looked up by name and imported lazily, so optional dependencies (pyiqa for
+MANIQA) are imported only when that reward is configured.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol
+
+import torch
+
+
+class Reward(Protocol):
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor: ...
+
+
+REWARDS: dict[str, str] = {
+    "classifier": "argrpo.rewards.classifier:ClassifierReward",
+    "loo_fid": "argrpo.rewards.loo_fid:LooFidReward",
+    "clip": "argrpo.rewards.clip:ClipReward",
+    "hpsv2": "argrpo.rewards.hpsv2:HpsV2Reward",
+    "maniqa": "argrpo.rewards.maniqa:ManiqaReward",
+}
+
+
+def reward_class(name: str) -> type:
+    """The class registered under `name`; an unknown name lists the valid ones."""
+    if name not in REWARDS:
+        raise KeyError(f"unknown reward {name!r}; valid rewards: {', '.join(sorted(REWARDS))}")
+    module, attr = REWARDS[name].split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def build_reward(name: str, **kwargs: Any) -> Reward:
+    return reward_class(name)(**kwargs)

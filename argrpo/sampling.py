@@ -1,0 +1,121 @@
+"""Batched autoregressive sampling with a KV cache, classifier-free guidance and teacher-forced log-probs.
+
+The policy GRPO trains is the *conditional* model: `sample_tokens` returns the log-probability of
+each sampled token under softmax(conditional logits / temperature), whatever guidance, top-k or top-p
+shaped the sampling distribution, and `token_logprobs` recomputes exactly that with gradients.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from argrpo.config import require
+from argrpo.gpt import GPT
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    cfg_scale: float = 1.0  # <= 1: a single conditional branch, no doubled batch
+    cfg_interval: int = -1  # guide tokens 0..cfg_interval only; -1: every token
+    temperature: float = 1.0
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+        require(self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)", self.top_k)
+        require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
+        require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0", self.cfg_scale)
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg_scale > 1.0
+
+
+@dataclass
+class Sample:
+    tokens: torch.Tensor  # [N, T] long
+    logprobs: torch.Tensor  # [N, T] float32, conditional policy
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask logits [N, V] outside the top-k and outside the smallest top-p nucleus with -inf."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One categorical draw per row of probs [N, V] (exponential race: no host sync, seedable)."""
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / noise).argmax(-1)
+
+
+def next_token(logits: torch.Tensor, N: int, t: int, cfg: SamplingConfig,
+               generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token t from logits [N or 2N, V] ([cond; null] when guided) and its conditional log-prob, both [N]."""
+    cond_logits = logits[:N] / cfg.temperature
+    guided = cond_logits
+    if cfg.guided and (cfg.cfg_interval < 0 or t <= cfg.cfg_interval):
+        uncond = logits[N:] / cfg.temperature
+        guided = uncond + (cond_logits - uncond) * cfg.cfg_scale
+    token = draw(filter_logits(guided, cfg.top_k, cfg.top_p).softmax(-1), generator)
+    return token, cond_logits.log_softmax(-1).gather(-1, token[:, None])[:, 0]
+
+
+@torch.no_grad()
+def sample_tokens(model: GPT, labels: torch.Tensor, cfg: SamplingConfig = SamplingConfig(),
+                  generator: torch.Generator | None = None) -> Sample:
+    """Sample image tokens for `labels` [N] in one batched call with one KV cache."""
+    model.check_labels(labels)
+    N, T = labels.shape[0], model.config.block_size
+    cond = labels
+    if cfg.guided:  # [cond; null] share one batch and every sampled token
+        cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)])
+    cache = model.new_cache(cond.shape[0])
+    logits = model.prefill(cond, cache)  # [N or 2N, V]
+    tokens = torch.empty(N, T, dtype=torch.long, device=labels.device)
+    logprobs = torch.empty(N, T, dtype=torch.float32, device=labels.device)
+    for t in range(T):
+        tokens[:, t], logprobs[:, t] = next_token(logits, N, t, cfg, generator)
+        if t + 1 < T:
+            token = tokens[:, t]
+            logits = model.decode_one(token.repeat(2) if cfg.guided else token, cache)
+    return Sample(tokens, logprobs)
+
+
+def token_logprobs(model: GPT, labels: torch.Tensor, tokens: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the conditional policy."""
+    logits = model(tokens[:, :-1], labels)[:, -tokens.shape[1]:] / temperature  # [N, T, V]
+    logp = logits.log_softmax(-1)
+    chosen = logp.gather(-1, tokens[..., None])[..., 0]
+    entropy = -(logp.exp() * logp).sum(-1)
+    return chosen, entropy
+
+
+@torch.no_grad()
+def sample_tokens_nocache(model: GPT, labels: torch.Tensor, cfg: SamplingConfig = SamplingConfig(),
+                          generator: torch.Generator | None = None) -> Sample:
+    """The same sampler recomputing the whole prefix every step: the reference for tests and benchmarks."""
+    model.check_labels(labels)
+    N, T = labels.shape[0], model.config.block_size
+    cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)]) if cfg.guided else labels
+    tokens = torch.empty(N, 0, dtype=torch.long, device=labels.device)
+    logprobs = []
+    for t in range(T):
+        idx = tokens.repeat(2, 1) if cfg.guided else tokens
+        token, logprob = next_token(model(idx, cond)[:, -1], N, t, cfg, generator)
+        logprobs.append(logprob)
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+    return Sample(tokens, torch.stack(logprobs, 1))
