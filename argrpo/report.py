@@ -1,0 +1,98 @@
+"""What the pipeline shows people: sample grids, the results table, curves and scatter plots."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+COLUMNS = [("fid", "FID ↓"), ("is", "IS ↑"), ("precision", "Precision ↑"), ("recall", "Recall ↑"),
+           ("class_accuracy", "Class acc. ↑"), ("forward_passes_per_image", "Fwd passes / img"),
+           ("seconds_per_image", "s / img")]
+
+
+def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8, scale: int = 4) -> Image.Image:
+    """uint8 [N, H, W, 3] -> one row per class with its first `per_class` images, upscaled for viewing."""
+    classes = np.unique(labels)
+    H, W = images.shape[1:3]
+    grid = np.full((len(classes) * (H + 1) + 1, per_class * (W + 1) + 1, 3), 255, np.uint8)
+    for r, c in enumerate(classes):
+        for j, i in enumerate(np.flatnonzero(labels == c)[:per_class]):
+            grid[1 + r * (H + 1) : 1 + r * (H + 1) + H, 1 + j * (W + 1) : 1 + j * (W + 1) + W] = images[i]
+    im = Image.fromarray(grid)
+    return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+
+
+def fmt(value: float, spread: float | None = None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    digits = 4 if abs(value) < 0.1 else 3
+    text = f"{value:.{digits}g}" if abs(value) >= 1000 else f"{value:.{digits}f}".rstrip("0").rstrip(".")
+    return text if spread is None else f"{text} ± {spread:.{digits}f}".rstrip("0").rstrip(".")
+
+
+def results_table(metrics: Mapping[str, Mapping[str, float]], spread: Mapping[str, Mapping[str, float]]) -> str:
+    """Markdown table, one row per configuration; GRPO rows as mean ± std over seeds."""
+    head = "| configuration | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, row in metrics.items():
+        s = spread.get(name, {})
+        label = f"{name} ({s['seeds']} seeds)" if s else name
+        cells = [fmt(row[key], s.get(key)) for key, _ in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_curves(csv_files: Sequence[Path], out: Path,
+                keys: Sequence[str] = ("reward/composite_mean", "fid/ema", "entropy/normalised", "entropy/coef",
+                                       "policy/kl", "policy/grad_norm")) -> None:
+    """GRPO training curves, one panel per metric, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    frames = {f.stem: pd.read_csv(f) for f in csv_files}
+    keys = [k for k in keys if any(k in df.columns for df in frames.values())]
+    cols = 3
+    rows = max(1, math.ceil(len(keys) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
+    for ax, key in zip(axes.flat, keys):
+        for name, df in frames.items():
+            if key in df.columns:
+                ax.plot(df["step"], df[key], label=name, lw=1.2, color=f"C{0 if 'instance' in name else 1}",
+                        alpha=0.8)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_fid_recall(rows: Mapping[str, Mapping[str, float]], out: Path, title: str = "FID against recall") -> None:
+    """Scatter of FID (lower is better) against recall, one labelled point per configuration or run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, row in rows.items():
+        ax.scatter(row["recall"], row["fid"], s=30)
+        ax.annotate(name, (row["recall"], row["fid"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("recall ↑")
+    ax.set_ylabel("FID ↓")
+    ax.set_title(title)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

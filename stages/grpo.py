@@ -1,0 +1,77 @@
+"""Stage grpo@<variant>-<seed>: GRPO fine-tuning of the base GPT, without CFG in the loss.
+
+The `grpo` section holds the settings every run shares; `grpo_runs.variants.<variant>` overrides
+them and the seed comes from the stage's matrix. Resumes from models/grpo/<run>/state.pt.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from common import extractors, load_base, model_config, params, stage, weights_config, write_json
+
+from argrpo.config import ConfigError, load_section
+from argrpo.data import load_dataset
+from argrpo.grpo import grpo_config_from_params, train_grpo
+from argrpo.metrics import load_ref_stats
+from argrpo.rewards import build_reward
+from argrpo.rewards.loo_fid import LooFidReward
+
+
+def merge(base: dict, override: dict) -> dict:
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def instance_rewards(p: dict, names: dict[str, float], class_names: list[str], device) -> dict:
+    w = weights_config(p)
+    kwargs = {
+        "classifier": lambda: {"model_or_path": "models/judge/reward_classifier.pt", "device": device},
+        "clip": lambda: {"model_name": w.clip_model, "weights": w.clip_weights, "class_names": class_names,
+                         "device": device},
+        "hpsv2": lambda: {"weights": w.hpsv2_weights, "class_names": class_names, "device": device},
+        "maniqa": lambda: {"weights": w.maniqa_weights, "device": device},
+    }
+    return {name: (build_reward(name, **kwargs[name]()), weight) for name, weight in names.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("variant")
+    parser.add_argument("seed", type=int)
+    args = parser.parse_args()
+    p = params()
+    variants = (p.get("grpo_runs") or {}).get("variants") or {}
+    if args.variant not in variants:
+        raise ConfigError(f"grpo_runs.variants has no variant {args.variant!r}; defined: {', '.join(variants)}")
+    section = merge(p.get("grpo") or {}, {**(variants[args.variant] or {}), "seed": args.seed})
+    cfg = grpo_config_from_params(section)
+    model = model_config(p)
+    name = f"{args.variant}_s{args.seed}"
+    out = Path("models/grpo") / name
+    with stage(f"grpo@{args.variant}-{args.seed}", {"grpo": section, "model": p["model"]}, run_name=name) as run:
+        run.set_tags({"variant": args.variant, "seed": str(args.seed)})
+        torch.manual_seed(cfg.seed)
+        policy, vq = load_base(model)
+        class_names = load_dataset("data/dataset.npz").class_names
+        rewards = instance_rewards(p, cfg.rewards, class_names, model.torch_device())
+        loo_fid = None
+        if cfg.fid_advantage_weight > 0:
+            _, reward_x = extractors(p, (p.get("ref_stats") or {}).get("features", "classifier"))
+            ref = load_ref_stats("data/reward_ref_stats.npz")
+            loo_fid = LooFidReward.from_config(reward_x, torch.from_numpy(ref["mu"]), torch.from_numpy(ref["std"]),
+                                               cfg.loo_fid)
+        train_grpo(policy, vq, rewards, loo_fid, cfg, out, num_classes=model.num_classes,
+                   log=lambda step, m: run.log_metrics(m, step))
+        curves = Path("reports/grpo") / f"{name}.csv"
+        curves.parent.mkdir(parents=True, exist_ok=True)
+        curves.write_text((out / "curves.csv").read_text())
+        write_json(out / "run.json", {"variant": args.variant, "seed": args.seed, "steps": cfg.steps,
+                                      "config": json.loads(json.dumps(section))})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Stage pretrain: train the small VQ tokenizer and GPT (embedded default), or verify given checkpoints.
+
+Writes models/base/manifest.json naming the two checkpoints with their sha256, plus the checkpoints
+themselves when trained here (LlamaGen's format, read back through the loaders as a check).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from common import BASE_DIR, model_config, params, stage, weights_config, write_json
+
+from argrpo.checkpoints import load_gpt, load_vq, save_checkpoint
+from argrpo.config import load_section, require
+from argrpo.data import load_dataset
+from argrpo.generator import build_models
+from argrpo.pretrain import TrainConfig, encode_all, train_gpt, train_vq
+from argrpo.weights import require_weights, sha256_file
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    seed: int = 0
+    vq: TrainConfig = field(default_factory=TrainConfig)
+    gpt: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        require(self.seed >= 0, "seed", "must be >= 0", self.seed)
+
+
+def main() -> None:
+    p = params()
+    section = dict(p.get("pretrain") or {})
+    for part in ("vq", "gpt"):
+        section[part] = load_section(TrainConfig, section.get(part), f"pretrain.{part}")
+    cfg = load_section(PretrainConfig, section, "pretrain")
+    model = model_config(p)
+    BASE_DIR.mkdir(parents=True, exist_ok=True)
+    with stage("pretrain", {"model": p["model"], "pretrain": p.get("pretrain")}) as run:
+        if model.source == "weights":
+            w = weights_config(p)
+            require_weights(w, ["gpt_checkpoint", "vq_checkpoint"])
+            gpt_path, vq_path = w.gpt_checkpoint, w.vq_checkpoint
+            load_gpt(gpt_path, model.gpt()), load_vq(vq_path, model.vq())  # right architecture, or a clear error
+        else:
+            torch.manual_seed(cfg.seed)
+            gen = torch.Generator().manual_seed(cfg.seed)
+            images, labels = load_dataset("data/dataset.npz").part("train")
+            gpt, vq = build_models(model)
+            vq = train_vq(vq, images, cfg.vq, gen, log=lambda s, m: run.log_metrics(m, s))
+            codes = encode_all(vq, images)  # [N, T]
+            used = codes.unique().numel()
+            gpt = train_gpt(gpt, codes, labels, cfg.gpt, gen, log=lambda s, m: run.log_metrics(m, s))
+            gpt_path, vq_path = BASE_DIR / "gpt.pt", BASE_DIR / "vq.pt"
+            save_checkpoint(gpt_path, gpt.state_dict())
+            save_checkpoint(vq_path, vq.state_dict())
+            load_gpt(gpt_path, model.gpt()), load_vq(vq_path, model.vq())  # they must read back
+            with torch.no_grad():
+                recon = vq.decode_tokens(codes[:512])
+                mse = torch.mean((recon - images[:512]) ** 2).item()
+            run.log_metrics({"vq_codes_used": used, "vq_recon_mse": mse})
+            print(f"pretrain: {used} of {model.vq().codebook_size} codes used, reconstruction MSE {mse:.4f}")
+        manifest = {name: {"path": str(path), "sha256": sha256_file(path)}
+                    for name, path in (("gpt", gpt_path), ("vq", vq_path))}
+        write_json(BASE_DIR / "manifest.json", manifest)
+        run.set_tags({f"sha256_{k}": v["sha256"] for k, v in manifest.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Stage ref_stats: reference feature moments of the real images.
+
+- data/ref_stats.npz: evaluation-network (or Inception) features of every real image: `mu`,
+  `sigma` (full covariance, as clean-fid and the ADM evaluator store them) and `features` for
+  precision / recall. With `weights.ref_stats` set, an ADM reference batch is imported instead.
+- data/reward_ref_stats.npz: the reward side's features of the train split, for LOO-FID.
+"""
+
+from dataclasses import dataclass
+
+from common import extractors, params, stage, weights_config
+
+from argrpo.config import load_section, require
+from argrpo.data import load_dataset, to_tensor
+from argrpo.metrics import save_ref_stats
+
+
+@dataclass(frozen=True)
+class RefStatsConfig:
+    features: str = "classifier"  # classifier | inception
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        require(self.features in ("classifier", "inception"), "features", "must be classifier or inception",
+                self.features)
+        require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+
+
+def main() -> None:
+    p = params()
+    cfg = load_section(RefStatsConfig, p.get("ref_stats"), "ref_stats")
+    with stage("ref_stats", p.get("ref_stats")) as run:
+        eval_x, reward_x = extractors(p, cfg.features)
+        data = load_dataset("data/dataset.npz")
+        ref_file = weights_config(p).ref_stats
+        if ref_file:  # an ADM-style reference batch (mu, sigma, arr_0) replaces the dataset's moments
+            import numpy as np
+
+            from argrpo.inception import load_adm_reference
+
+            ref = load_adm_reference(ref_file, extractor=eval_x, batch_size=cfg.batch_size)
+            np.savez("data/ref_stats.npz", **ref)
+        else:
+            images = to_tensor(data.images)
+            save_ref_stats("data/ref_stats.npz", eval_x.features(images).numpy(),
+                           eval_x.class_probs(images).numpy())
+        train_images, _ = data.part("train")
+        save_ref_stats("data/reward_ref_stats.npz", reward_x.features(train_images).numpy())
+        run.log_metrics({"ref_images": len(data.labels), "reward_ref_images": len(train_images)})
+
+
+if __name__ == "__main__":
+    main()

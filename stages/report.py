@@ -1,0 +1,119 @@
+"""Stage report: reports/results.md (the table and what it shows), a sample grid per configuration,
+the GRPO curves, a FID-against-recall plot and reports/timings.json (seconds per stage)."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+from common import params, stage, write_json
+
+from argrpo.report import fmt, image_grid, plot_curves, plot_fid_recall, results_table
+
+REPORTS = Path("reports")
+
+
+def check(ok: bool, text: str) -> str:
+    return f"- [{'x' if ok else ' '}] {text}"
+
+
+def findings(m: dict, judge: dict, floor: dict) -> list[str]:
+    """Plain statements computed from the measured numbers; an unmet target reads as unmet."""
+    out = []
+    base_cfg, base_nocfg = m.get("base_cfg"), m.get("base_nocfg")
+    if judge:
+        acc = judge.get("eval_net_holdout_accuracy", float("nan"))
+        out.append(check(acc >= 0.95, f"the evaluation network classifies {acc:.1%} of its held-out real images "
+                                      f"(target >= 95%)"))
+    if base_cfg and base_nocfg:
+        out.append(check(base_cfg["class_accuracy"] > base_nocfg["class_accuracy"]
+                         and base_cfg["precision"] > base_nocfg["precision"],
+                         f"guidance matters for the base model: class accuracy {fmt(base_cfg['class_accuracy'])} "
+                         f"with CFG vs {fmt(base_nocfg['class_accuracy'])} without, precision "
+                         f"{fmt(base_cfg['precision'])} vs {fmt(base_nocfg['precision'])}"))
+        if floor:
+            out.append(check(base_nocfg["fid"] > 2 * floor["fid"],
+                             f"the base model without CFG does not already match the data: FID "
+                             f"{fmt(base_nocfg['fid'])} against {fmt(floor['fid'])} for {floor['images']} held-out "
+                             f"real images scored the same way"))
+    loofid, inst = m.get("grpo_loofid_nocfg"), m.get("grpo_instance_nocfg")
+    if loofid and base_cfg and base_nocfg:
+        out.append(check(loofid["fid"] < min(base_cfg["fid"], base_nocfg["fid"]),
+                         f"GRPO + LOO-FID (no CFG) FID {fmt(loofid['fid'])} is below both base rows "
+                         f"({fmt(base_cfg['fid'])}, {fmt(base_nocfg['fid'])})"))
+        out.append(check(loofid["precision"] >= base_cfg["precision"]
+                         and loofid["class_accuracy"] >= base_cfg["class_accuracy"],
+                         f"its precision {fmt(loofid['precision'])} and class accuracy "
+                         f"{fmt(loofid['class_accuracy'])} are at or above the base model with CFG "
+                         f"({fmt(base_cfg['precision'])}, {fmt(base_cfg['class_accuracy'])})"))
+        out.append(check(loofid["forward_passes_per_image"] * 2 <= base_cfg["forward_passes_per_image"],
+                         f"at half the forward passes ({fmt(loofid['forward_passes_per_image'])} vs "
+                         f"{fmt(base_cfg['forward_passes_per_image'])} per image)"))
+    if loofid and inst:
+        out.append(check(loofid["recall"] > inst["recall"],
+                         f"LOO-FID keeps recall above the instance-only run ({fmt(loofid['recall'])} vs "
+                         f"{fmt(inst['recall'])})"))
+    if inst and base_nocfg and base_cfg:
+        out.append(check(inst["recall"] < min(base_nocfg["recall"], base_cfg["recall"]),
+                         f"the instance-only run collapses: recall {fmt(inst['recall'])} below the base model's "
+                         f"({fmt(base_nocfg['recall'])} without CFG, {fmt(base_cfg['recall'])} with)"))
+    return out
+
+
+def main() -> None:
+    p = params()
+    with stage("report") as run:
+        metrics = json.loads((REPORTS / "metrics.json").read_text())
+        seeds = json.loads((REPORTS / "metrics_seeds.json").read_text())
+        judge_file = REPORTS / "judge.json"
+        judge = json.loads(judge_file.read_text()) if judge_file.exists() else {}
+        (REPORTS / "grids").mkdir(exist_ok=True)
+        for npz in sorted(Path("samples").glob("*.npz")):
+            with np.load(npz) as z:
+                image_grid(z["images"], z["labels"]).save(REPORTS / "grids" / f"{npz.stem}.png")
+        curves = sorted((REPORTS / "grpo").glob("*.csv"))
+        if curves:
+            plot_curves(curves, REPORTS / "grpo_curves.png")
+        plot_fid_recall(seeds["per_run"], REPORTS / "fid_vs_recall.png")
+        timings = {json.loads(f.read_text())["stage"]: round(json.loads(f.read_text())["seconds"], 1)
+                   for f in sorted((REPORTS / "timings").glob("*.json"))}
+        timings["total"] = round(sum(timings.values()), 1)
+        write_json(REPORTS / "timings.json", timings)
+        m, d, s = p["model"], p["data"], p["sample"]
+        lines = [
+            "# Results",
+            "",
+            f"Generator: GPT preset `{m['gpt_preset']}`, VQ preset `{m['vq_preset']}`, {m['image_size']} px, "
+            f"{m['num_classes']} classes (data: `{d['kind']}`). {s['num_images']} class-balanced samples per "
+            f"configuration; base CFG scale {s['cfg_scale']}; temperature {s['temperature']}, top-k {s['top_k']}, "
+            f"top-p {s['top_p']}.",
+            "",
+            "Metrics compare against `data/ref_stats.npz`: features of every real image of the dataset "
+            f"({d['kind']}) from the evaluation network `{p['ref_stats']['features']}` (the judge stage's "
+            "independent network on the embedded default). FID uses full covariances, IS 10 splits, "
+            f"precision / recall k = {p['evaluate']['k']}. Rewards never read the evaluation network: the "
+            "LOO-FID reward uses the reward classifier's features, so the FID reported is not the FID optimised.",
+            "",
+            results_table(metrics, seeds.get("std_over_seeds", {})),
+            "",
+            "## What the numbers show",
+            "",
+            *findings(metrics, judge, seeds.get("real_holdout", {})),
+            "",
+            f"Stage seconds (`reports/timings.json`): total {timings['total']} s.",
+            "",
+            "![GRPO curves](grpo_curves.png)",
+            "",
+            "![FID against recall](fid_vs_recall.png)",
+            "",
+            "Sample grids (one row per class): " + ", ".join(
+                f"[{n.stem}](grids/{n.name})" for n in sorted((REPORTS / "grids").glob("*.png"))),
+            "",
+        ]
+        (REPORTS / "results.md").write_text("\n".join(lines))
+        for png in sorted((REPORTS / "grids").glob("*.png")) + sorted(REPORTS.glob("*.png")):
+            run.log_artifact(png, "report")
+        run.log_artifact(REPORTS / "results.md", "report")
+
+
+if __name__ == "__main__":
+    main()

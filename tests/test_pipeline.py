@@ -1,0 +1,91 @@
+"""End to end: the real `dvc repro` on a shrunken copy of the pipeline, tracked in a temporary MLflow store."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ["argrpo", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"]
+
+SHRINK = {
+    "data": {"max_per_class": 24},
+    "pretrain": {"vq": {"steps": 20, "batch_size": 32}, "gpt": {"steps": 20, "batch_size": 32}},
+    "judge": {"epochs": 1},
+    "grpo": {"steps": 3, "batch_classes": 2, "group_size": 4, "checkpoint_every": 2},
+    "grpo_runs": {"seeds": [0]},
+    "sample": {"num_images": 60, "batch_size": 30, "save_png": 4},
+}
+
+
+def deep_update(base: dict, override: dict) -> dict:
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            shutil.copy(src, repo / name)
+    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), SHRINK)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}
+    run(["git", "init", "-q"], repo, env)
+    run([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "pipeline"], repo, env)
+
+    first = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    for stage in ["prepare", "pretrain", "judge", "ref_stats", "grpo@instance-0", "grpo@loofid-0", "sample",
+                  "evaluate", "report"]:
+        assert f"Running stage '{stage}'" in first.stdout, stage
+
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(metrics) == {"base_cfg", "base_nocfg", "grpo_instance_nocfg", "grpo_loofid_nocfg"}
+    for name, row in metrics.items():
+        for key in ("fid", "is", "precision", "recall", "class_accuracy"):
+            assert math.isfinite(row[key]), (name, key, row[key])
+    assert metrics["base_cfg"]["forward_passes_per_image"] == 2 * metrics["base_nocfg"]["forward_passes_per_image"]
+    for produced in ["reports/results.md", "reports/grpo_curves.png", "reports/fid_vs_recall.png",
+                     "reports/timings.json", "reports/grids/base_cfg.png", "models/grpo/loofid_s0/policy.pt"]:
+        assert (repo / produced).exists(), produced
+    timings = json.loads((repo / "reports/timings.json").read_text())
+    assert {"prepare", "pretrain", "grpo@loofid-0", "report"} <= set(timings)
+
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["argrpo"])
+    stages = set(runs["tags.stage"].dropna())
+    assert {"prepare", "pretrain", "judge", "ref_stats", "grpo", "sample", "evaluate", "report"} <= stages
+    children = runs[runs["tags.stage"].notna()]
+    assert children["tags.mlflow.parentRunId"].nunique() == 1  # one parent run groups this repro
+    grpo_runs = children[children["tags.stage"] == "grpo"]
+    assert grpo_runs["metrics.entropy.coef"].notna().all()
+
+    second = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    assert "Running stage" not in second.stdout, second.stdout
