@@ -45,8 +45,8 @@ VQ_PRESETS: dict[str, dict] = {
     "VQ-16": dict(ch_mult=(1, 1, 2, 2, 4)),
     "VQ-8": dict(ch_mult=(1, 2, 2, 4)),
     # the embedded default: 4x downsampling, a small codebook, narrow channels
-    "small": dict(codebook_size=256, codebook_embed_dim=8, z_channels=64, ch=32, ch_mult=(1, 2, 2),
-                  num_res_blocks=1, norm_groups=16, codebook_used_size=256),
+    "small": dict(codebook_size=256, codebook_embed_dim=8, z_channels=32, ch=16, ch_mult=(1, 2, 2),
+                  num_res_blocks=1, norm_groups=8, codebook_used_size=256),
     "tiny": dict(codebook_size=64, codebook_embed_dim=4, z_channels=16, ch=16, ch_mult=(1, 1),
                  num_res_blocks=1, norm_groups=8, codebook_used_size=64),
 }
@@ -224,21 +224,22 @@ class VQModel(nn.Module):
         self.quant_conv = nn.Conv2d(config.z_channels, config.codebook_embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(config.codebook_embed_dim, config.z_channels, 1)
 
-    def check_image_size(self, size: int) -> None:
+    def check_image_size(self, *sizes: int) -> None:
         ds = self.config.downsample
-        if size % ds:
-            raise ValueError(f"image size {size} is not divisible by the tokenizer's downsampling factor {ds}")
+        for size in sizes:  # height and width: a non-square image can fail on either
+            if size % ds:
+                raise ValueError(f"image size {size} is not divisible by the tokenizer's downsampling factor {ds}")
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reconstruction [B, 3, H, W], codebook loss, commitment loss (for training the tokenizer)."""
-        self.check_image_size(images.shape[-1])
+        self.check_image_size(*images.shape[-2:])
         zq, codebook_loss, commit_loss, _ = self.quantize(self.quant_conv(self.encoder(images)))
         return self.decoder(self.post_quant_conv(zq)), codebook_loss, commit_loss
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images [B, 3, H, W] in [-1, 1] -> codes [B, H/ds, W/ds] long."""
-        self.check_image_size(images.shape[-1])
+        self.check_image_size(*images.shape[-2:])
         return self.quantize(self.quant_conv(self.encoder(images)))[3]
 
     def decode_code(self, codes: torch.Tensor, shape: tuple[int, int, int, int]) -> torch.Tensor:

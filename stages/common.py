@@ -93,3 +93,19 @@ def extractors(p: dict, kind: str) -> tuple:
         return inception, inception
     return (ClassifierFeatures(load_classifier(JUDGE_DIR / "eval_net.pt", device), device=device),
             ClassifierFeatures(load_classifier(JUDGE_DIR / "reward_classifier.pt", device), device=device))
+
+
+def preflight(p: dict, extra: list[str] | None = None) -> None:
+    """Fail in seconds, before any model is built, when a file the configuration needs is missing or wrong."""
+    from argrpo.weights import model_shapes, needed_weights, require_weights
+
+    model = model_config(p)
+    grpo = p.get("grpo") or {}
+    rewards = set(grpo.get("rewards") or {})
+    for variant in ((p.get("grpo_runs") or {}).get("variants") or {}).values():
+        rewards |= set((variant or {}).get("rewards") or {})
+    needed = needed_weights(model.source, sorted(rewards), (p.get("ref_stats") or {}).get("features", "classifier"),
+                            weights_config(p).ref_stats)
+    needed = [n for n in needed if extra is None or n in extra]
+    if needed:
+        require_weights(weights_config(p), needed, model_shapes(model.gpt(), model.vq()))

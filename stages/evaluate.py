@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import extractors, params, stage, write_json
+from common import extractors, params, preflight, stage, write_json
 
 from argrpo.config import load_section, require
 from argrpo.data import load_dataset, to_tensor
@@ -46,6 +46,7 @@ def evaluate_config(npz: Path, extractor, ref: dict, cfg: EvaluateConfig) -> dic
 def main() -> None:
     p = params()
     cfg = load_section(EvaluateConfig, p.get("evaluate"), "evaluate")
+    preflight(p, ["inception"])
     with stage("evaluate", p.get("evaluate")) as run:
         eval_x, _ = extractors(p, (p.get("ref_stats") or {}).get("features", "classifier"))
         ref = load_ref_stats("data/ref_stats.npz")

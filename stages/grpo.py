@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import torch
-from common import extractors, load_base, model_config, params, stage, weights_config, write_json
+from common import extractors, load_base, model_config, params, preflight, stage, weights_config, write_json
 
 from argrpo.config import ConfigError, load_section
 from argrpo.data import load_dataset
@@ -38,6 +38,15 @@ def instance_rewards(p: dict, names: dict[str, float], class_names: list[str], d
     return {name: (build_reward(name, **kwargs[name]()), weight) for name, weight in names.items()}
 
 
+def class_names_for(num_classes: int) -> list[str]:
+    """Prompt names: ImageNet's 1,000 categories for 1,000-class models, else the dataset's folder names."""
+    if num_classes == 1000:
+        from argrpo.imagenet import imagenet_class_names
+
+        return imagenet_class_names()
+    return load_dataset("data/dataset.npz").class_names
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("variant")
@@ -49,6 +58,7 @@ def main() -> None:
         raise ConfigError(f"grpo_runs.variants has no variant {args.variant!r}; defined: {', '.join(variants)}")
     section = merge(p.get("grpo") or {}, {**(variants[args.variant] or {}), "seed": args.seed})
     cfg = grpo_config_from_params(section)
+    preflight(p)
     model = model_config(p)
     name = f"{args.variant}_s{args.seed}"
     out = Path("models/grpo") / name
@@ -56,7 +66,7 @@ def main() -> None:
         run.set_tags({"variant": args.variant, "seed": str(args.seed)})
         torch.manual_seed(cfg.seed)
         policy, vq = load_base(model)
-        class_names = load_dataset("data/dataset.npz").class_names
+        class_names = class_names_for(model.num_classes)
         rewards = instance_rewards(p, cfg.rewards, class_names, model.torch_device())
         loo_fid = None
         if cfg.fid_advantage_weight > 0:

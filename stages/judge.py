@@ -26,6 +26,7 @@ class JudgeConfig:
     batch_size: int = 64
     lr: float = 2e-3
     eval_holdout_fraction: float = 0.3
+    enabled: bool = True  # false at real scale, where Inception and the reward files judge
 
     def __post_init__(self) -> None:
         require(self.reward_seed != self.eval_seed, "eval_seed", "must differ from reward_seed", self.eval_seed)
@@ -40,6 +41,11 @@ def main() -> None:
     data = load_dataset("data/dataset.npz")
     n_classes = len(data.class_names)
     with stage("judge", p.get("judge")) as run:
+        if not cfg.enabled:
+            JUDGE_DIR.mkdir(parents=True, exist_ok=True)
+            (JUDGE_DIR / "DISABLED").write_text("judge.enabled is false: no embedded judge networks\n")
+            write_json("reports/judge.json", {"enabled": False})
+            return
         train_x, train_y = data.part("train")
         hold_x, hold_y = data.part("holdout")
         reward = train_classifier(train_x, train_y, seed=cfg.reward_seed, epochs=cfg.epochs,

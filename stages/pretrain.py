@@ -7,14 +7,14 @@ themselves when trained here (LlamaGen's format, read back through the loaders a
 from dataclasses import dataclass, field
 
 import torch
-from common import BASE_DIR, model_config, params, stage, weights_config, write_json
+from common import BASE_DIR, model_config, params, preflight, stage, weights_config, write_json
 
 from argrpo.checkpoints import load_gpt, load_vq, save_checkpoint
 from argrpo.config import load_section, require
 from argrpo.data import load_dataset
 from argrpo.generator import build_models
 from argrpo.pretrain import TrainConfig, encode_all, train_gpt, train_vq
-from argrpo.weights import require_weights, sha256_file
+from argrpo.weights import sha256_file
 
 
 @dataclass(frozen=True)
@@ -34,11 +34,11 @@ def main() -> None:
         section[part] = load_section(TrainConfig, section.get(part), f"pretrain.{part}")
     cfg = load_section(PretrainConfig, section, "pretrain")
     model = model_config(p)
+    preflight(p, ["gpt_checkpoint", "vq_checkpoint"])
     BASE_DIR.mkdir(parents=True, exist_ok=True)
     with stage("pretrain", {"model": p["model"], "pretrain": p.get("pretrain")}) as run:
         if model.source == "weights":
             w = weights_config(p)
-            require_weights(w, ["gpt_checkpoint", "vq_checkpoint"])
             gpt_path, vq_path = w.gpt_checkpoint, w.vq_checkpoint
             load_gpt(gpt_path, model.gpt()), load_vq(vq_path, model.vq())  # right architecture, or a clear error
         else:

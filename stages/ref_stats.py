@@ -8,7 +8,7 @@
 
 from dataclasses import dataclass
 
-from common import extractors, params, stage, weights_config
+from common import extractors, params, preflight, stage, weights_config
 
 from argrpo.config import load_section, require
 from argrpo.data import load_dataset, to_tensor
@@ -29,6 +29,7 @@ class RefStatsConfig:
 def main() -> None:
     p = params()
     cfg = load_section(RefStatsConfig, p.get("ref_stats"), "ref_stats")
+    preflight(p, ["inception", "ref_stats"])
     with stage("ref_stats", p.get("ref_stats")) as run:
         eval_x, reward_x = extractors(p, cfg.features)
         data = load_dataset("data/dataset.npz")
@@ -40,11 +41,15 @@ def main() -> None:
 
             ref = load_adm_reference(ref_file, extractor=eval_x, batch_size=cfg.batch_size)
             np.savez("data/ref_stats.npz", **ref)
+            # one Inception for both sides: LOO-FID compares against the same reference moments
+            np.savez("data/reward_ref_stats.npz", mu=ref["mu"], sigma=ref["sigma"])
+            run.log_metrics({"ref_images": len(ref.get("features", []))})
+            return
         else:
             images = to_tensor(data.images)
             save_ref_stats("data/ref_stats.npz", eval_x.features(images).numpy(),
                            eval_x.class_probs(images).numpy())
-        train_images, _ = data.part("train")
+        train_images, _ = data.part("train")  # the reward side never sees the evaluation network
         save_ref_stats("data/reward_ref_stats.npz", reward_x.features(train_images).numpy())
         run.log_metrics({"ref_images": len(data.labels), "reward_ref_images": len(train_images)})
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import load_base, model_config, params, stage, write_json
+from common import load_base, model_config, params, preflight, stage, write_json
 from PIL import Image
 
 from argrpo.config import load_section, require
@@ -63,6 +63,7 @@ def main() -> None:
     p = params()
     cfg = load_section(SampleConfig, p.get("sample"), "sample")
     model = model_config(p)
+    preflight(p, ["gpt_checkpoint", "vq_checkpoint"])
     with stage("sample", p.get("sample")) as run:
         labels = balanced_labels(cfg.num_images, model.num_classes)
         for name, (policy, sampling) in configurations(p, cfg).items():

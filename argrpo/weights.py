@@ -1,0 +1,363 @@
+"""Pre-flight checks of the local weight and reference files a real-scale run needs.
+
+Nothing is ever downloaded: every checkpoint, network and reference statistic is a local file named
+in the `weights` section of params.yaml. Stages call `require_weights` before building any model,
+so a missing or broken file fails in a second with a message that names the parameter, the file
+expected and where it is published; `argrpo doctor` prints the same checks for every file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import zipfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from argrpo.checkpoints import IGNORED_KEYS, WRAPPER_KEYS
+from argrpo.config import require
+from argrpo.data import IMAGE_SUFFIXES
+from argrpo.gpt import GPT, GPT_PRESETS, gpt_config
+from argrpo.vq import VQ_PRESETS, VQModel, vq_config
+
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """Local paths of real-scale weights and references; "" leaves one unset."""
+
+    gpt_checkpoint: str = ""
+    gpt_preset: str = ""  # GPT-B, GPT-L, ...: the architecture gpt_checkpoint must fit
+    vq_checkpoint: str = ""
+    vq_preset: str = ""  # VQ-16 or VQ-8
+    clip_weights: str = ""
+    clip_model: str = "ViT-L-14"  # open_clip architecture of clip_weights
+    hpsv2_weights: str = ""
+    maniqa_weights: str = ""
+    inception: str = ""  # inception-2015-12-05.pt
+    ref_stats: str = ""  # .npz with mu and sigma
+    ref_images: str = ""  # folder with one sub-folder of images per class
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            require(isinstance(value, str), f.name, "must be a path string (\"\" for unset)", value)
+        require(self.gpt_preset in ("", *GPT_PRESETS), "gpt_preset", f"must be one of {list(GPT_PRESETS)}",
+                self.gpt_preset)
+        require(self.vq_preset in ("", *VQ_PRESETS), "vq_preset", f"must be one of {list(VQ_PRESETS)}",
+                self.vq_preset)
+        require(bool(self.clip_model), "clip_model", "must name an open_clip architecture", self.clip_model)
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    file: str  # the file name as published
+    source: str  # where it is published, in words
+
+
+WEIGHT_SOURCES: dict[str, WeightSource] = {
+    "gpt_checkpoint": WeightSource(
+        "c2i_B_256.pt (or the c2i_*.pt file of the chosen weights.gpt_preset, e.g. c2i_L_256.pt, c2i_XL_384.pt)",
+        "LlamaGen's model release on Hugging Face (the FoundationVision/LlamaGen repository, linked from the "
+        "LlamaGen GitHub README)",
+    ),
+    "vq_checkpoint": WeightSource(
+        "vq_ds16_c2i.pt",
+        "LlamaGen's model release on Hugging Face (the FoundationVision/LlamaGen repository, linked from the "
+        "LlamaGen GitHub README)",
+    ),
+    "clip_weights": WeightSource(
+        "open_clip_pytorch_model.bin of the weights.clip_model architecture",
+        "open_clip's pretrained weights on Hugging Face: OpenAI CLIP ViT-L/14 as the "
+        "timm/vit_large_patch14_clip_224.openai repository (use clip_model ViT-L-14-quickgelu with it), "
+        "LAION ViT-L/14 as laion/CLIP-ViT-L-14-laion2B-s32B-b82K; OpenAI's original ViT-L-14.pt is a "
+        "TorchScript archive and cannot be read with weights_only=True",
+    ),
+    "hpsv2_weights": WeightSource(
+        "HPS_v2.1_compressed.pt (HPS_v2_compressed.pt for HPSv2)",
+        "the HPSv2 release (the xswu/HPSv2 repository on Hugging Face, linked from the tgxs002/HPSv2 GitHub README)",
+    ),
+    "maniqa_weights": WeightSource(
+        "ckpt_koniq10k.pt (pyiqa's `maniqa` metric)",
+        "pyiqa's weight release (the chaofengc/IQA-PyTorch-Weights repository on Hugging Face, mirrored in the "
+        "IQA-PyTorch GitHub release v0.1-weights)",
+    ),
+    "inception": WeightSource(
+        "inception-2015-12-05.pt",
+        "NVIDIA's StyleGAN2-ADA metrics downloads (stylegan2-ada-pytorch/pretrained/metrics on nvlabs-fi-cdn."
+        "nvidia.com, the TorchScript Inception that clean-fid also uses)",
+    ),
+    "ref_stats": WeightSource(
+        "VIRTUAL_imagenet256_labeled.npz",
+        "the reference batches of OpenAI's ADM evaluator (guided-diffusion repository, evaluations/README.md)",
+    ),
+    "ref_images": WeightSource(
+        "an ImageNet image folder with one sub-folder of images per class",
+        "image-net.org (ILSVRC2012 train or validation images, sorted into class folders)",
+    ),
+}
+
+# how each parameter's file is checked
+KINDS: dict[str, str] = {
+    "gpt_checkpoint": "torch",
+    "vq_checkpoint": "torch",
+    "clip_weights": "torch",
+    "hpsv2_weights": "torch",
+    "maniqa_weights": "torch",
+    "inception": "torchscript",
+    "ref_stats": "npz",
+    "ref_images": "folder",
+}
+
+
+@dataclass(frozen=True)
+class Check:
+    param: str
+    path: str
+    ok: bool
+    message: str
+    sha256: str | None = None
+    missing: bool = False  # the file is unset or absent (rather than present but unreadable)
+
+
+def sha256_file(path: str | Path, block_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in blocks so multi-GB checkpoints never sit in memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(block_size):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def state_dict_shapes(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def preset_shapes(cfg: WeightsConfig, param: str) -> Shapes | None:
+    """Key -> shape map a LlamaGen checkpoint must have under the configured preset (None if unset).
+
+    The model is built on the meta device, so even GPT-3B costs no memory.
+    """
+    with torch.device("meta"):
+        if param == "gpt_checkpoint" and cfg.gpt_preset:
+            return state_dict_shapes(GPT(gpt_config(cfg.gpt_preset)))
+        if param == "vq_checkpoint" and cfg.vq_preset:
+            return state_dict_shapes(VQModel(vq_config(cfg.vq_preset)))
+    return None
+
+
+def _hint(param: str) -> str:
+    src = WEIGHT_SOURCES[param]
+    return f"Set weights.{param} in params.yaml to a local copy of {src.file}; it is published at {src.source}."
+
+
+def _load_torch(path: str):
+    try:
+        # mmap reads only the tensor headers needed for a key/shape check, even for a 12 GB file
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)  # legacy (pre-zip) format
+
+
+def _is_torchscript(path: str) -> bool:
+    """TorchScript archives are zip files with a `constants.pkl` and a `code/` folder."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
+def _state_dict(obj) -> Mapping | None:
+    if not isinstance(obj, Mapping):
+        return None
+    for key in WRAPPER_KEYS:
+        if isinstance(obj.get(key), Mapping):
+            return obj[key]
+    return obj
+
+
+def _compare_shapes(state: Mapping, expected: Shapes) -> str:
+    """"" when `state` fits `expected` key for key and shape for shape, else the differences."""
+    state = {k: v for k, v in state.items() if not IGNORED_KEYS.match(k)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = [
+        f"{k} {tuple(state[k].shape)} (expected {tuple(expected[k])})"
+        for k in sorted(set(expected) & set(state))
+        if tuple(state[k].shape) != tuple(expected[k])
+    ]
+    problems = [
+        f"{label} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", misshapen))
+        if keys
+    ]
+    return "; ".join(problems)
+
+
+class _Shape:
+    """Stands in for a tensor where only `.shape` is compared (safetensors headers)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = shape
+
+
+def _check_torch(path: str, expected: Shapes | None) -> str:
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        # the header alone gives every key and shape
+        with safe_open(path, framework="pt") as f:
+            state = {k: _Shape(tuple(f.get_slice(k).get_shape())) for k in f.keys()}
+    else:
+        if _is_torchscript(path):
+            # torch.load would hand such an archive to torch.jit.load, which runs its code
+            raise ValueError("a TorchScript archive, not a state dict saved with torch.save")
+        try:
+            obj = _load_torch(path)
+        except Exception as err:
+            lines = str(err).strip().splitlines()
+            raise ValueError(
+                f"torch.load(weights_only=True) cannot read it ({type(err).__name__}: {lines[0] if lines else ''}); "
+                "the file is truncated, corrupt or not a PyTorch checkpoint"
+            ) from err
+        state = _state_dict(obj)
+        if state is None or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError(f"it holds a {type(obj).__name__}, not a dict of tensors")
+    if expected:
+        problems = _compare_shapes(state, expected)
+        if problems:
+            raise ValueError(f"it does not fit the configured architecture: {problems}")
+    return f"{len(state)} tensors"
+
+
+def _check_torchscript(path: str) -> str:
+    module = torch.jit.load(path, map_location="cpu")
+    return f"TorchScript module {module.original_name}"
+
+
+def _check_npz(path: str) -> str:
+    with np.load(path, allow_pickle=False) as data:
+        missing = [k for k in ("mu", "sigma") if k not in data.files]
+        if missing:
+            raise ValueError(f"lacks {missing} (has {data.files}); expected reference statistics with mu and sigma")
+        mu, sigma = data["mu"], data["sigma"]
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"mu {mu.shape} and sigma {sigma.shape} must be [F] and [F, F]")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise ValueError("mu or sigma holds non-finite values")
+    return f"reference moments of {mu.shape[0]}-d features"
+
+
+def _check_folder(path: str) -> str:
+    classes = sorted((entry for entry in os.scandir(path) if entry.is_dir()), key=lambda e: e.name)
+    if not classes:
+        raise ValueError("has no class sub-folders; expected one sub-folder of images per class")
+    empty = [
+        entry.name for entry in classes
+        if not any(Path(f.name).suffix in IMAGE_SUFFIXES for f in os.scandir(entry.path) if f.is_file())
+    ]
+    if empty:
+        raise ValueError(f"class folders without images ({len(empty)}): {', '.join(empty[:10])}")
+    return f"{len(classes)} class folders"
+
+
+def _read(kind: str, path: str, expected: Shapes | None) -> str:
+    """Read `path` as `kind`; a one-line summary if it reads, an exception otherwise."""
+    if kind == "torch":
+        return _check_torch(path, expected)
+    if kind == "torchscript":
+        return _check_torchscript(path)
+    if kind == "npz":
+        return _check_npz(path)
+    return _check_folder(path)
+
+
+CHECK_KINDS = ("torch", "torchscript", "npz", "folder")
+
+
+def check_file(param: str, path: str, kind: str, expected: Shapes | None = None) -> Check:
+    """Check that `path` (the value of weights.<param>) exists and reads as `kind`.
+
+    kinds: "torch" (torch.load with weights_only=True; compared key for key and shape for shape
+    with `expected` when given), "torchscript" (torch.jit.load), "npz" (reference `mu` / `sigma`),
+    "folder" (class sub-folders of images). Files that pass carry their sha256.
+    """
+    if kind not in CHECK_KINDS:
+        raise ValueError(f"unknown check kind {kind!r}; valid kinds: {', '.join(CHECK_KINDS)}")
+    hint = _hint(param) if param in WEIGHT_SOURCES else ""
+    if not path:
+        return Check(param, path, False, f"weights.{param} is not set. {hint}".strip(), missing=True)
+    exists = os.path.isdir(path) if kind == "folder" else os.path.isfile(path)
+    if not exists:
+        what = "folder" if kind == "folder" else "file"
+        return Check(param, path, False, f"weights.{param}: {what} not found: {path}. {hint}".strip(), missing=True)
+    try:
+        summary = _read(kind, path, expected)
+    except Exception as err:  # any reader error means the same to the user: this file is unusable
+        lines = str(err).strip().splitlines()
+        reason = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        return Check(param, path, False, f"weights.{param}: {path} fails the {kind} check ({reason}). {hint}")
+    digest = None if kind == "folder" else sha256_file(path)
+    return Check(param, path, True, f"weights.{param}: {path}: ok, {summary}", sha256=digest)
+
+
+def check_weights(
+    cfg: WeightsConfig, needed: Sequence[str], expected: Mapping[str, Shapes] | None = None
+) -> list[Check]:
+    """Check the files named by the parameters in `needed`, in order.
+
+    GPT / VQ checkpoints are compared against the configured presets' shapes (`preset_shapes`);
+    `expected` maps a parameter to its own key -> shape map instead.
+    """
+    unknown = [param for param in needed if param not in KINDS]
+    if unknown:
+        raise ValueError(f"unknown weights parameter(s) {unknown}; valid: {', '.join(KINDS)}")
+    checks = []
+    for param in needed:
+        path = getattr(cfg, param)
+        shapes = (expected or {}).get(param)
+        if shapes is None and path and os.path.isfile(path):
+            shapes = preset_shapes(cfg, param)
+        checks.append(check_file(param, path, KINDS[param], shapes))
+    return checks
+
+
+def require_weights(
+    cfg: WeightsConfig, needed: Sequence[str], expected: Mapping[str, Shapes] | None = None
+) -> list[Check]:
+    """`check_weights`, raising if any file fails: FileNotFoundError when a file is unset or absent,
+    ValueError when every file exists but one does not read; the message lists every failure."""
+    checks = check_weights(cfg, needed, expected)
+    failed = [check for check in checks if not check.ok]
+    if failed:
+        message = "\n".join(check.message for check in failed)
+        raise (FileNotFoundError if any(check.missing for check in failed) else ValueError)(message)
+    return checks
+
+
+def needed_weights(model_source: str, instance_rewards: Sequence[str], features: str, ref_stats: str) -> list[str]:
+    """The `weights` parameters a configuration reads: checkpoints for `model.source: weights`, the
+    files of the configured rewards, Inception for `ref_stats.features: inception`, an ADM batch."""
+    needed = ["gpt_checkpoint", "vq_checkpoint"] if model_source == "weights" else []
+    per_reward = {"clip": "clip_weights", "hpsv2": "hpsv2_weights", "maniqa": "maniqa_weights"}
+    needed += [per_reward[name] for name in instance_rewards if name in per_reward]
+    if features == "inception":
+        needed.append("inception")
+    if ref_stats:
+        needed.append("ref_stats")
+    return needed
+
+
+def model_shapes(gpt_config, vq_config) -> dict[str, Shapes]:
+    """Expected key -> shape maps of the configured GPT and VQ, built on the meta device (no memory)."""
+    with torch.device("meta"):
+        return {"gpt_checkpoint": state_dict_shapes(GPT(gpt_config)),
+                "vq_checkpoint": state_dict_shapes(VQModel(vq_config))}
