@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -46,7 +47,9 @@ def write_json(path: str | Path, data: dict) -> None:
 def stage(name: str, logged_params: dict | None = None, run_name: str | None = None
           ) -> Iterator[tracking.StageRun]:
     """Time the stage into reports/timings/<name>.json and open its MLflow run."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    # small models on few cores: extra intra-op threads spin against each other and against other
+    # processes (queued experiments, parallel stages) and cost far more than they give
+    torch.set_num_threads(int(os.environ.get("ARGRPO_THREADS", "1")))
     start = time.perf_counter()
     with tracking.stage_run(name.split("@")[0], logged_params, run_name=run_name or name) as run:
         yield run
