@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
 from argrpo.config import require
+from argrpo.distributed import Dist, derived_seed, shard_indices
 from argrpo.gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config
 from argrpo.sampling import SamplingConfig, sample_tokens
 from argrpo.vq import VQ_PRESETS, VQConfig, VQModel, vq_config
@@ -53,19 +55,32 @@ def build_models(cfg: ModelConfig) -> tuple[GPT, VQModel]:
 
 
 @torch.no_grad()
-def generate_images(gpt: GPT, vq: VQModel, labels: torch.Tensor, sampling: SamplingConfig, batch_size: int,
-                    generator: torch.Generator | None = None, progress: bool = True, desc: str = "sample",
-                    precision: str = "fp32") -> torch.Tensor:
-    """Images [N, 3, H, W] in [-1, 1] for `labels` [N], sampled in batches on the models' device."""
+def generate_sharded(gpt: GPT, vq: VQModel, labels: torch.Tensor, sampling: SamplingConfig, batch_size: int,
+                     seed: int, dist: Dist | None = None, progress: bool = True, desc: str = "sample",
+                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of the images for `labels` [N]: (global indices [n] long, images [n, 3, H, W] on CPU).
+
+    The N images are cut by index into chunks of `batch_size`; chunk c is one sampling call with its own
+    generator seeded `derived_seed(seed, c)`, and the chunks are spread over the processes in contiguous runs.
+    So each image depends on (seed, batch_size, its index) and not on how many processes share the work,
+    and the shards of all processes tile 0..N-1 in rank order. Keep batch_size <= N / world_size, or some
+    processes get no chunk.
+    """
+    dist = dist or Dist()
     device = next(gpt.parameters()).device
-    out = []
+    n = len(labels)
+    chunks = shard_indices(math.ceil(n / batch_size), dist.rank, dist.world_size)
+    start, stop = min(chunks.start * batch_size, n), min(chunks.stop * batch_size, n)
+    side = gpt.config.grid_size * vq.config.downsample
+    out = [torch.empty(0, 3, side, side)]  # a process without a chunk still returns a well-shaped tensor
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    for i in tqdm(range(0, len(labels), batch_size), desc=desc, disable=not progress):
-        batch = labels[i : i + batch_size].to(device)
+    for c in tqdm(chunks, desc=desc, disable=not (progress and dist.is_main)):
+        batch = labels[c * batch_size : (c + 1) * batch_size].to(device)
+        generator = torch.Generator(device=device).manual_seed(derived_seed(seed, c))
         with autocast:
             tokens = sample_tokens(gpt, batch, sampling, generator).tokens
         out.append(vq.decode_tokens(tokens).float().cpu())
-    return torch.cat(out)
+    return torch.arange(start, stop), torch.cat(out)
 
 
 def forward_passes_per_image(sampling: SamplingConfig, block_size: int) -> float:

@@ -5,6 +5,10 @@ decode and score them, normalise the rewards within each group of G (separately 
 instance reward and for LOO-FID), then take K optimizer steps on the clipped surrogate with a KL
 penalty to a reference policy and an entropy bonus. The policy is the *conditional* model: log-probs
 come from conditional logits, whatever guidance shaped the rollouts.
+
+Under torchrun every process draws the same B labels and rolls out its contiguous share of them (whole
+groups, so advantages stay local); the LOO-FID sums and the entropy feedback are all-reduced, and the
+gradient is averaged over processes by DDP, or by FSDP when the model is sharded.
 """
 
 from __future__ import annotations
@@ -21,20 +25,39 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from argrpo.checkpoints import save_checkpoint
 from argrpo.config import ConfigError, load_section, require
+from argrpo.distributed import (
+    Dist,
+    all_gather_cat,
+    all_reduce_sum,
+    barrier,
+    broadcast_module,
+    full_parameters,
+    full_state,
+    is_distributed,
+    load_full_optimizer_state,
+    load_full_state,
+    mean_metrics,
+    mean_over_ranks,
+    rank_seed,
+    shard_indices,
+    shard_model,
+)
 from argrpo.entropy import EntropyConfig, EntropyController
 from argrpo.gpt import GPT
 from argrpo.rewards import REWARDS, Reward
-from argrpo.rewards.loo_fid import LooFidConfig, LooFidReward, feature_sums
-from argrpo.sampling import SamplingConfig, sample_tokens, token_logprobs
+from argrpo.rewards.loo_fid import FeatureSums, LooFidConfig, LooFidReward, feature_sums
+from argrpo.sampling import Sample, SamplingConfig, sample_tokens, token_logprobs
 from argrpo.vq import VQModel
 
 RATIO_LEVELS = ("sequence", "token")
 REFERENCES = ("ema", "frozen")
 PRECISIONS = ("fp32", "bf16")
+PARALLEL = ("ddp", "fsdp")
 # LOO-FID scores the batch as a whole: it is configured by `loo_fid` and `fid_advantage_weight`
 INSTANCE_REWARDS = tuple(sorted(name for name in REWARDS if name != "loo_fid"))
 
@@ -65,6 +88,9 @@ class GRPOConfig:
     checkpoint_every: int = 50
     log_every: int = 1
     seed: int = 0
+    # several processes: "ddp" replicates the policy; "fsdp" shards parameters, gradients and optimizer
+    # state (GPT-XXL, GPT-3B), gathering the whole policy for each rollout
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rewards", dict(self.rewards))
@@ -106,6 +132,7 @@ class GRPOConfig:
         require(self.decode_batch >= 1, "decode_batch", "must be >= 1", self.decode_batch)
         require(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1", self.checkpoint_every)
         require(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
+        require(self.parallel in PARALLEL, "parallel", f"must be one of {', '.join(PARALLEL)}", self.parallel)
 
 
 def grpo_config_from_params(section: Mapping[str, Any] | None) -> GRPOConfig:
@@ -183,33 +210,62 @@ class GRPORun:
     reference: GPT
     optimizer: torch.optim.Optimizer
     entropy: EntropyController
-    label_rng: torch.Generator  # CPU: draws the class labels
-    sample_rng: torch.Generator  # on the policy's device: drives the sampler
+    label_rng: torch.Generator  # CPU: draws the class labels of the global batch, the same on every process
+    sample_rng: torch.Generator  # on the policy's device: drives this process's sampler
     step: int = 0  # iterations completed
     history: list[dict[str, float]] = field(default_factory=list)  # one metrics row per iteration
+    dist: Dist = field(default_factory=Dist)
+    trainer: torch.nn.Module | None = None  # the update's forward/backward: the policy or its DDP wrapper
+
+    @property
+    def train_module(self) -> torch.nn.Module:
+        return self.trainer if self.trainer is not None else self.policy
 
 
-def start_run(policy: GPT, cfg: GRPOConfig) -> GRPORun:
+def start_run(policy: GPT, cfg: GRPOConfig, dist: Dist | None = None) -> GRPORun:
+    """Fresh run state; with several processes, each rolls out batch_classes / world_size labels."""
+    dist = dist or Dist()
+    # equal shards: DDP averages the per-process mean losses, which is the global mean only then
+    require(cfg.batch_classes % dist.world_size == 0, "grpo.batch_classes",
+            f"must be divisible by the number of processes ({dist.world_size})", cfg.batch_classes)
     device = next(policy.parameters()).device
+    trainer, sharded = None, dist.world_size > 1 and cfg.parallel == "fsdp"
+    if dist.world_size > 1 and cfg.parallel == "ddp":
+        # the wrapper broadcasts rank 0's weights, so the reference below starts the same on every process
+        trainer = DistributedDataParallel(policy, device_ids=[device] if device.type == "cuda" else None)
+    elif sharded:
+        broadcast_module(policy)  # each process keeps its slice of its own copy: make the copies rank 0's
     reference = copy.deepcopy(policy).requires_grad_(False).eval()
+    if sharded:  # the reference is sharded alike, so the EMA update runs slice by slice
+        shard_model(policy)
+        shard_model(reference)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
     entropy = EntropyController.from_config(cfg.entropy, cfg.steps, policy.config.vocab_size)
     label_rng = torch.Generator().manual_seed(cfg.seed)
-    sample_rng = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    return GRPORun(policy, reference, optimizer, entropy, label_rng, sample_rng)
+    sample_rng = torch.Generator(device=device).manual_seed(rank_seed(cfg.seed + 1, dist.rank))
+    return GRPORun(policy, reference, optimizer, entropy, label_rng, sample_rng, dist=dist, trainer=trainer)
 
 
 def save_run(path: Path, run: GRPORun, loo_fid: LooFidReward | None) -> None:
-    """Write the run state atomically; only tensors, dicts, lists and numbers, so weights_only loads it."""
+    """Write the run state atomically; only tensors, dicts, lists and numbers, so weights_only loads it.
+
+    Every process calls it (it gathers each one's sampler state and, under FSDP, the shards); rank 0
+    writes the file, in the single-process format whatever the parallelism.
+    """
+    sample_rngs = all_gather_cat(run.sample_rng.get_state()[None])  # [world, S] uint8
+    models = full_state({"policy": run.policy.state_dict(), "reference": run.reference.state_dict(),
+                         "optimizer": run.optimizer.state_dict()})
+    if not run.dist.is_main:
+        return
     state = {
         "step": run.step,
-        "policy": run.policy.state_dict(),
-        "reference": run.reference.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        **models,
         "entropy": run.entropy.state_dict(),
         "loo_fid": loo_fid.state_dict() if loo_fid is not None else {},
         "label_rng": run.label_rng.get_state(),
         "sample_rng": run.sample_rng.get_state(),
+        # one per process, rank order; copies, since a generator reads a view's storage from its start
+        "sample_rngs": [rng.clone() for rng in sample_rngs],
         "torch_rng": torch.get_rng_state(),
         "history": run.history,
     }
@@ -220,14 +276,18 @@ def save_run(path: Path, run: GRPORun, loo_fid: LooFidReward | None) -> None:
 
 def load_run(path: Path, run: GRPORun, loo_fid: LooFidReward | None) -> None:
     state = torch.load(path, map_location="cpu", weights_only=True)
-    run.policy.load_state_dict(state["policy"])
-    run.reference.load_state_dict(state["reference"])
-    run.optimizer.load_state_dict(state["optimizer"])
+    load_full_state(run.policy, state["policy"])
+    load_full_state(run.reference, state["reference"])
+    load_full_optimizer_state(run.optimizer, state["optimizer"])
     run.entropy.load_state_dict(state["entropy"])
     if loo_fid is not None:
         loo_fid.load_state_dict(state["loo_fid"])
     run.label_rng.set_state(state["label_rng"])
-    run.sample_rng.set_state(state["sample_rng"])
+    sample_rngs = state.get("sample_rngs", [state["sample_rng"]])
+    if len(sample_rngs) != run.dist.world_size:
+        raise ConfigError(f"{path} holds the sampler streams of {len(sample_rngs)} process(es); resume it with "
+                          f"as many, got {run.dist.world_size}")
+    run.sample_rng.set_state(sample_rngs[run.dist.rank])
     torch.set_rng_state(state["torch_rng"])
     run.step, run.history = int(state["step"]), list(state["history"])
 
@@ -292,10 +352,23 @@ def micro_batches(n: int, size: int) -> list[slice]:
     return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
 
+def grad_sync(trainer: torch.nn.Module, last: bool) -> AbstractContextManager:
+    """DDP all-reduces gradients on the last micro-batch's backward only; the earlier ones accumulate locally.
+
+    (FSDP reduce-scatters every micro-batch's gradients into the shards, which adds up to the same.)
+    """
+    if isinstance(trainer, DistributedDataParallel) and not last:
+        return trainer.no_sync()
+    return nullcontext()
+
+
 def policy_update(run: GRPORun, labels: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor,
                   cfg: GRPOConfig) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """K optimizer steps on the rollouts; returns stats and the rollout's old log-probs and entropies [N, T]."""
-    policy, device = run.policy, labels.device
+    """K optimizer steps on the rollouts; returns stats and the rollout's old log-probs and entropies [N, T].
+
+    With several processes each holds its share of the rollouts; the gradient is averaged over them.
+    """
+    policy, trainer, device = run.policy, run.train_module, labels.device
     chunks, n = micro_batches(labels.shape[0], cfg.micro_batch), labels.shape[0]
     temperature = cfg.sampling.temperature
     with torch.no_grad(), autocast(device, cfg.precision):
@@ -304,19 +377,21 @@ def policy_update(run: GRPORun, labels: torch.Tensor, tokens: torch.Tensor, adva
         old = [token_logprobs(policy, labels[c], tokens[c], temperature) for c in chunks]
         logp_ref = torch.cat([token_logprobs(run.reference, labels[c], tokens[c], temperature)[0] for c in chunks])
     logp_old, entropy_old = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])  # [N, T]
-    coef = run.entropy.update(run.step, entropy_old.mean().item())
+    # the controller sees the global batch's entropy, so that it moves the same way on every process
+    coef = run.entropy.update(run.step, mean_over_ranks(entropy_old.mean()).item())
     epochs = []
     for _ in range(cfg.inner_epochs):
         run.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
-        for c in chunks:
-            with autocast(device, cfg.precision):
-                logp_new, entropy = token_logprobs(policy, labels[c], tokens[c], temperature)
-            loss, stats = policy_loss(logp_new, logp_old[c], advantages[c], logp_ref[c], entropy,
-                                      clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, entropy_coef=coef,
-                                      level=cfg.ratio_level)
-            share = (c.stop - c.start) / n  # micro-batch losses add up to the full-batch mean
-            (loss * share).backward()
+        for i, c in enumerate(chunks):
+            with grad_sync(trainer, last=i == len(chunks) - 1):
+                with autocast(device, cfg.precision):
+                    logp_new, entropy = token_logprobs(trainer, labels[c], tokens[c], temperature)
+                loss, stats = policy_loss(logp_new, logp_old[c], advantages[c], logp_ref[c], entropy,
+                                          clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, entropy_coef=coef,
+                                          level=cfg.ratio_level)
+                share = (c.stop - c.start) / n  # micro-batch losses add up to the full-batch mean
+                (loss * share).backward()
             for key, value in {"loss": loss.item(), **stats}.items():
                 totals[key] = totals.get(key, 0.0) + share * value
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
@@ -339,23 +414,23 @@ def policy_update(run: GRPORun, labels: torch.Tensor, tokens: torch.Tensor, adva
 def grpo_step(run: GRPORun, vq: VQModel, rewards: Mapping[str, tuple[Reward, float]],
               loo_fid: LooFidReward | None, cfg: GRPOConfig, num_classes: int) -> dict[str, float]:
     """One GRPO iteration: rollout, decode, score, advantages, K updates. Returns the step's metrics."""
-    policy = run.policy
-    device = next(policy.parameters()).device
-    B, G = cfg.batch_classes, cfg.group_size
+    device = next(run.policy.parameters()).device
+    B, G, dist = cfg.batch_classes, cfg.group_size, run.dist
     timer = PhaseTimer(device)
-    labels = torch.randint(num_classes, (B,), generator=run.label_rng).repeat_interleave(G).to(device)  # [B*G]
-    with autocast(device, cfg.precision):
-        sample = sample_tokens(policy, labels, cfg.sampling, generator=run.sample_rng)  # tokens: [B*G, T]
+    # every process draws the global batch's labels and keeps its share: whole groups, so advantages stay local
+    share = shard_indices(B, dist.rank, dist.world_size)
+    labels = torch.randint(num_classes, (B,), generator=run.label_rng)[share.start : share.stop]
+    labels = labels.repeat_interleave(G).to(device)  # [b*G], b = B / world_size
+    sample = rollout(run, labels, cfg)  # tokens: [b*G, T]
     timer.lap("rollout")
-    images = decode_images(vq, sample.tokens, cfg.decode_batch)  # [B*G, 3, H, W]
+    images = decode_images(vq, sample.tokens, cfg.decode_batch)  # [b*G, 3, H, W]
     timer.lap("decode")
 
     composite, metrics = score_rewards(rewards, images, labels)
     adv_fid = torch.zeros_like(composite)
     if loo_fid is not None:
-        features = loo_fid.features(images)  # [B*G, F] float64
-        sums = feature_sums(features)  # a distributed run all-reduces these sums across processes here
-        fid_rewards = loo_fid.score(features, sums).to(device)
+        features = loo_fid.features(images)  # [b*G, F] float64
+        fid_rewards = loo_fid.score(features, global_sums(feature_sums(features))).to(device)
         adv_fid = group_advantages(fid_rewards, G)
         metrics.update({"reward/loo_fid_mean": fid_rewards.mean().item(),
                         "reward/loo_fid_std": fid_rewards.std().item(),
@@ -363,7 +438,7 @@ def grpo_step(run: GRPORun, vq: VQModel, rewards: Mapping[str, tuple[Reward, flo
     timer.lap("reward")
 
     adv_inst = group_advantages(composite, G)
-    advantages = adv_inst + cfg.fid_advantage_weight * adv_fid  # [B*G]
+    advantages = adv_inst + cfg.fid_advantage_weight * adv_fid  # [b*G]
     update, logp_old, entropy_old = policy_update(run, labels, sample.tokens, advantages, cfg)
     timer.lap("update")
 
@@ -384,19 +459,41 @@ def grpo_step(run: GRPORun, vq: VQModel, rewards: Mapping[str, tuple[Reward, flo
         "throughput/rollout_tokens_per_s": tokens / max(timer.seconds["rollout"], 1e-9),
         "throughput/tokens_per_s": tokens / max(step_seconds, 1e-9),
     })
+    # the logged row describes the global batch: per-process means averaged (stds are averaged per-process
+    # stds), throughputs summed; the FID values are already global
+    metrics = mean_metrics(metrics)
+    for key in ("throughput/rollout_tokens_per_s", "throughput/tokens_per_s"):
+        metrics[key] *= dist.world_size
     return metrics
+
+
+def rollout(run: GRPORun, labels: torch.Tensor, cfg: GRPOConfig) -> Sample:
+    """Sample tokens for `labels` [n] from the policy with this process's sampler stream."""
+    with full_parameters(run.policy), autocast(labels.device, cfg.precision):
+        return sample_tokens(run.policy, labels, cfg.sampling, generator=run.sample_rng)
+
+
+def global_sums(sums: FeatureSums) -> FeatureSums:
+    """S1, S2, N of the whole batch, summed over processes in one collective (float64 counts are exact)."""
+    if not is_distributed():
+        return sums
+    packed = all_reduce_sum(torch.cat([sums.s1, sums.s2, sums.s1.new_tensor([sums.n])]))  # [2F + 1]
+    F = sums.s1.shape[0]
+    return FeatureSums(packed[:F], packed[F : 2 * F], int(packed[-1]))
 
 
 def bootstrap_loo_fid(run: GRPORun, vq: VQModel, loo_fid: LooFidReward, cfg: GRPOConfig, num_classes: int) -> None:
     """Start the LOO-FID EMA from the starting policy's own samples at the rollout settings."""
     device = next(run.policy.parameters()).device
+    n, dist = cfg.batch_classes * cfg.group_size, run.dist
+    share = shard_indices(n, dist.rank, dist.world_size)
     features = []
     for _ in range(cfg.loo_fid.bootstrap_batches):
-        labels = torch.randint(num_classes, (cfg.batch_classes * cfg.group_size,), generator=run.label_rng)
-        with autocast(device, cfg.precision):
-            tokens = sample_tokens(run.policy, labels.to(device), cfg.sampling, generator=run.sample_rng).tokens
+        labels = torch.randint(num_classes, (n,), generator=run.label_rng)[share.start : share.stop]
+        tokens = rollout(run, labels.to(device), cfg).tokens
         features.append(loo_fid.features(decode_images(vq, tokens, cfg.decode_batch)))
-    loo_fid.bootstrap(torch.cat(features))
+    features = torch.cat(features)
+    loo_fid.bootstrap(features, global_sums(feature_sums(features)))
 
 
 def train_grpo(
@@ -410,6 +507,7 @@ def train_grpo(
     num_classes: int,
     log: Callable[[int, dict[str, float]], None] | None = None,
     progress: bool = True,
+    dist: Dist | None = None,
 ) -> GPT:
     """Fine-tune `policy` in place with GRPO; resumes from out_dir/state.pt when it exists.
 
@@ -417,6 +515,11 @@ def train_grpo(
     distribution-level reward (None: off). Writes out_dir/state.pt every `checkpoint_every` steps,
     out_dir/curves.csv (one row of metrics per step) and, at the end, out_dir/policy.pt in LlamaGen
     format. `log(step, metrics)` receives every `log_every`-th step's metrics.
+
+    Under torchrun every process calls this with the same arguments and its `dist`: each rolls out
+    batch_classes / world_size labels, the gradient is averaged over processes, and only rank 0 logs,
+    shows progress and writes files; every process returns after the files are written. With
+    `cfg.parallel == "fsdp"` the returned policy is sharded: read the weights from policy.pt.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -424,17 +527,18 @@ def train_grpo(
     # eval mode throughout: class dropout would condition the ratio's two log-prob passes differently
     policy.eval()
     vq.eval()
-    run = start_run(policy, cfg)
+    run = start_run(policy, cfg, dist)
+    main = run.dist.is_main
     if state_path.exists():
         load_run(state_path, run, loo_fid)
     elif loo_fid is not None and cfg.loo_fid.bootstrap:
         bootstrap_loo_fid(run, vq, loo_fid, cfg, num_classes)
 
-    bar = tqdm(total=cfg.steps, initial=run.step, desc="grpo", disable=not progress)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc="grpo", disable=not (progress and main))
     while run.step < cfg.steps:
         metrics = {"step": run.step, **grpo_step(run, vq, rewards, loo_fid, cfg, num_classes)}
         run.history.append(metrics)
-        if log is not None and run.step % cfg.log_every == 0:
+        if main and log is not None and run.step % cfg.log_every == 0:
             log(run.step, metrics)
         run.step += 1
         bar.update(1)
@@ -442,8 +546,12 @@ def train_grpo(
                         fid=f"{metrics.get('fid/ema', math.nan):.3f}")
         if run.step % cfg.checkpoint_every == 0 or run.step == cfg.steps:
             save_run(state_path, run, loo_fid)
-            write_curves(curves_path, run.history)
+            if main:
+                write_curves(curves_path, run.history)
     bar.close()
-    write_curves(curves_path, run.history)
-    save_checkpoint(out_dir / "policy.pt", policy.state_dict())
+    weights = full_state(policy.state_dict())
+    if main:
+        write_curves(curves_path, run.history)
+        save_checkpoint(out_dir / "policy.pt", weights)
+    barrier()
     return policy

@@ -61,7 +61,7 @@ def plot_curves(csv_files: Sequence[Path], out: Path,
     cols = 3
     rows = max(1, math.ceil(len(keys) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
+    for ax, key in zip(axes.flat, keys, strict=False):
         for name, df in frames.items():
             if key in df.columns:
                 ax.plot(df["step"], df[key], label=name, lw=1.2, color=f"C{0 if 'instance' in name else 1}",

@@ -64,10 +64,10 @@ def base_paths() -> tuple[Path, Path]:
     return Path(manifest["gpt"]["path"]), Path(manifest["vq"]["path"])
 
 
-def load_base(cfg: ModelConfig, gpt_path: Path | None = None):
-    """(gpt, vq) on the configured device, in eval mode; `gpt_path` swaps in a fine-tuned policy."""
+def load_base(cfg: ModelConfig, gpt_path: Path | None = None, device: torch.device | None = None):
+    """(gpt, vq) on `device` (default: the configured one), in eval mode; `gpt_path` swaps in a tuned policy."""
     base_gpt, base_vq = base_paths()
-    device = cfg.torch_device()
+    device = device or cfg.torch_device()
     gpt = load_gpt(gpt_path or base_gpt, cfg.gpt()).to(device)
     vq = load_vq(base_vq, cfg.vq()).to(device)
     return gpt, vq

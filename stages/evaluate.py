@@ -16,6 +16,7 @@ from common import extractors, params, preflight, stage, write_json
 
 from argrpo.config import load_section, require
 from argrpo.data import load_dataset, to_tensor
+from argrpo.distributed import cleanup, init_distributed
 from argrpo.metrics import compute_metrics, load_ref_stats
 
 KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "forward_passes_per_image", "seconds_per_image")
@@ -47,6 +48,10 @@ def main() -> None:
     p = params()
     cfg = load_section(EvaluateConfig, p.get("evaluate"), "evaluate")
     preflight(p, ["inception"])
+    dist = init_distributed((p.get("model") or {}).get("device", "auto"))
+    if not dist.is_main:  # scoring is cheap next to sampling: rank 0 evaluates, the others only join and leave
+        cleanup()
+        return
     with stage("evaluate", p.get("evaluate")) as run:
         eval_x, _ = extractors(p, (p.get("ref_stats") or {}).get("features", "classifier"))
         ref = load_ref_stats("data/ref_stats.npz")
@@ -76,6 +81,7 @@ def main() -> None:
         for name, row in metrics.items():
             run.log_metrics({f"{name}.{k}": v for k, v in row.items()})
         print(json.dumps(metrics, indent=1))
+    cleanup()
 
 
 if __name__ == "__main__":

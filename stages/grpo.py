@@ -6,13 +6,15 @@ them and the seed comes from the stage's matrix. Resumes from models/grpo/<run>/
 
 import argparse
 import json
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from common import extractors, load_base, model_config, params, preflight, stage, weights_config, write_json
 
-from argrpo.config import ConfigError, load_section
+from argrpo.config import ConfigError
 from argrpo.data import load_dataset
+from argrpo.distributed import cleanup, init_distributed
 from argrpo.grpo import grpo_config_from_params, train_grpo
 from argrpo.metrics import load_ref_stats
 from argrpo.rewards import build_reward
@@ -62,25 +64,32 @@ def main() -> None:
     model = model_config(p)
     name = f"{args.variant}_s{args.seed}"
     out = Path("models/grpo") / name
-    with stage(f"grpo@{args.variant}-{args.seed}", {"grpo": section, "model": p["model"]}, run_name=name) as run:
-        run.set_tags({"variant": args.variant, "seed": str(args.seed)})
+    dist = init_distributed(model.device)  # torchrun: one process per GPU (or CPU slot), gloo / NCCL
+    tracked = stage(f"grpo@{args.variant}-{args.seed}", {"grpo": section, "model": p["model"]}, run_name=name)
+    with tracked if dist.is_main else nullcontext() as run:
+        if run:
+            run.set_tags({"variant": args.variant, "seed": str(args.seed), "processes": str(dist.world_size)})
         torch.manual_seed(cfg.seed)
-        policy, vq = load_base(model)
+        policy, vq = load_base(model, device=dist.device)
         class_names = class_names_for(model.num_classes)
-        rewards = instance_rewards(p, cfg.rewards, class_names, model.torch_device())
+        rewards = instance_rewards(p, cfg.rewards, class_names, dist.device)
         loo_fid = None
         if cfg.fid_advantage_weight > 0:
             _, reward_x = extractors(p, (p.get("ref_stats") or {}).get("features", "classifier"))
             ref = load_ref_stats("data/reward_ref_stats.npz")
             loo_fid = LooFidReward.from_config(reward_x, torch.from_numpy(ref["mu"]), torch.from_numpy(ref["std"]),
                                                cfg.loo_fid)
-        train_grpo(policy, vq, rewards, loo_fid, cfg, out, num_classes=model.num_classes,
-                   log=lambda step, m: run.log_metrics(m, step))
+        train_grpo(policy, vq, rewards, loo_fid, cfg, out, num_classes=model.num_classes, dist=dist,
+                   log=(lambda step, m: run.log_metrics(m, step)) if run else None)
+        if not dist.is_main:
+            cleanup()
+            return
         curves = Path("reports/grpo") / f"{name}.csv"
         curves.parent.mkdir(parents=True, exist_ok=True)
         curves.write_text((out / "curves.csv").read_text())
         write_json(out / "run.json", {"variant": args.variant, "seed": args.seed, "steps": cfg.steps,
-                                      "config": json.loads(json.dumps(section))})
+                                      "config": json.loads(json.dumps(section)), "processes": dist.world_size})
+    cleanup()
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
 Configurations: base_cfg (the base model at `sample.cfg_scale`), base_nocfg, and one
 grpo_<variant>_s<seed>_nocfg per GRPO run (the tuned policies sample without guidance).
+Runs under `torchrun`: each process samples its own contiguous share of the image indices and rank 0
+writes the files; every image depends on the seed and its index only, not on the process count.
 """
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +18,8 @@ from PIL import Image
 
 from argrpo.config import load_section, require
 from argrpo.data import to_uint8
-from argrpo.generator import forward_passes_per_image, generate_images
+from argrpo.distributed import all_gather_cat, barrier, cleanup, init_distributed
+from argrpo.generator import forward_passes_per_image, generate_sharded
 from argrpo.sampling import SamplingConfig
 
 OUT = Path("samples")
@@ -55,8 +59,13 @@ def configurations(p: dict, cfg: SampleConfig) -> dict[str, tuple[Path | None, S
     return configs
 
 
-def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
-    return torch.arange(n) % num_classes
+def write_samples(name: str, pixels: np.ndarray, labels: np.ndarray, save_png: int, cost: dict) -> None:
+    folder = OUT / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(min(save_png, len(pixels))):
+        Image.fromarray(pixels[i]).save(folder / f"{i:05d}_class{int(labels[i])}.png")
+    np.savez_compressed(OUT / f"{name}.npz", images=pixels, labels=labels)
+    write_json(OUT / f"{name}.json", cost)
 
 
 def main() -> None:
@@ -64,26 +73,25 @@ def main() -> None:
     cfg = load_section(SampleConfig, p.get("sample"), "sample")
     model = model_config(p)
     preflight(p, ["gpt_checkpoint", "vq_checkpoint"])
-    with stage("sample", p.get("sample")) as run:
-        labels = balanced_labels(cfg.num_images, model.num_classes)
+    dist = init_distributed(model.device)
+    labels = torch.arange(cfg.num_images) % model.num_classes  # class-balanced
+    with stage("sample", p.get("sample")) if dist.is_main else nullcontext() as run:
         for name, (policy, sampling) in configurations(p, cfg).items():
-            gpt, vq = load_base(model, policy)
-            generator = torch.Generator(device=model.torch_device()).manual_seed(cfg.seed)
+            gpt, vq = load_base(model, policy, dist.device)
             start = time.perf_counter()
-            images = generate_images(gpt, vq, labels, sampling, cfg.batch_size, generator, desc=name,
-                                     precision=model.precision)
+            index, images = generate_sharded(gpt, vq, labels, sampling, cfg.batch_size, cfg.seed, dist, desc=name,
+                                             precision=model.precision)
             seconds = time.perf_counter() - start
-            pixels = to_uint8(images)
-            folder = OUT / name
-            folder.mkdir(parents=True, exist_ok=True)
-            for i in range(min(cfg.save_png, len(pixels))):
-                Image.fromarray(pixels[i]).save(folder / f"{i:05d}_class{int(labels[i])}.png")
-            np.savez_compressed(OUT / f"{name}.npz", images=pixels, labels=labels.numpy())
-            cost = {"seconds_per_image": seconds / len(labels),
-                    "forward_passes_per_image": forward_passes_per_image(sampling, gpt.config.block_size),
-                    "cfg_scale": sampling.cfg_scale, "num_images": len(labels)}
-            write_json(OUT / f"{name}.json", cost)
-            run.log_metrics({f"{name}.seconds_per_image": cost["seconds_per_image"]})
+            index, pixels = all_gather_cat(index), all_gather_cat(torch.from_numpy(to_uint8(images)))
+            if dist.is_main:
+                assert torch.equal(index, torch.arange(cfg.num_images)), "shards must tile the images exactly"
+                cost = {"seconds_per_image": seconds * dist.world_size / cfg.num_images,  # device-seconds
+                        "forward_passes_per_image": forward_passes_per_image(sampling, gpt.config.block_size),
+                        "cfg_scale": sampling.cfg_scale, "num_images": cfg.num_images, "processes": dist.world_size}
+                write_samples(name, pixels.numpy(), labels.numpy(), cfg.save_png, cost)
+                run.log_metrics({f"{name}.seconds_per_image": cost["seconds_per_image"]})
+    barrier()
+    cleanup()
 
 
 if __name__ == "__main__":

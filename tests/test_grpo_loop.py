@@ -83,8 +83,10 @@ def test_one_step_invariants(tmp_path):
 def test_micro_batches_give_the_full_batch_update(tmp_path):
     whole, _ = run(small_cfg(), tmp_path / "whole")
     split, _ = run(small_cfg(micro_batch=3), tmp_path / "split")  # 8 sequences as 3 + 3 + 2
+    # summing in another order changes gradients in the last bits; Adam divides by sqrt(v), so a
+    # near-zero gradient's rounding moves its weight by up to ~1e-5 here: far below one real step
     for k, v in whole.state_dict().items():
-        torch.testing.assert_close(split.state_dict()[k], v, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(split.state_dict()[k], v, rtol=1e-4, atol=2e-5)
 
 
 def test_reward_goes_up(tmp_path):
