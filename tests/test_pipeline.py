@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,23 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
 
     second = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout
+
+    # sweeps: two queued experiments run in copies through the DVC queue and report to the same store
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", "results"], repo, env)
+    for name, steps in (("fewer-steps", 2), ("more-steps", 4)):
+        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", f"grpo.steps={steps}"], repo, env)
+    run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], repo, env)
+    for _ in range(240):  # the worker runs in the background: poll its status, bounded
+        status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, env).stdout
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert "Failed" not in status and status.count("Success") == 2, status
+    shown = run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], repo, env).stdout
+    assert "fewer-steps" in shown and "more-steps" in shown
+    runs = mlflow.search_runs(experiment_names=["argrpo"])
+    names = set(runs["tags.dvc_exp_name"].dropna())
+    assert {"fewer-steps", "more-steps"} <= names, names
+    queued = runs[runs["tags.dvc_exp_name"].isin(["fewer-steps", "more-steps"]) & (runs["tags.stage"] == "grpo")]
+    assert len(queued) == 4  # two GRPO variants per experiment
