@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import socket
 
 import numpy as np
 import pytest
@@ -27,20 +26,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 
 
 @pytest.fixture(autouse=True)
-def offline(monkeypatch):
-    """Every network connection is refused, and an attempt fails the test even if it was caught."""
-    attempts = []
-
-    def refuse(*args, **kwargs):
-        attempts.append(args[1:] or args)
-        raise OSError("network access attempted in an offline test")
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield
-    assert not attempts, f"network connections attempted: {attempts}"
+def _offline(offline):
+    """Every test of this module runs with the network refused (see conftest.py)."""
 
 
 def test_every_file_parameter_has_a_source_and_a_kind():
