@@ -49,7 +49,7 @@ def results_table(metrics: Mapping[str, Mapping[str, float]], spread: Mapping[st
 
 def plot_curves(csv_files: Sequence[Path], out: Path,
                 keys: Sequence[str] = ("reward/composite_mean", "fid/ema", "entropy/normalised", "entropy/coef",
-                                       "policy/kl", "policy/grad_norm")) -> None:
+                                       "policy/kl", "optim/grad_norm")) -> None:
     """GRPO training curves, one panel per metric, one line per run."""
     import matplotlib
 
