@@ -81,12 +81,16 @@ def test_one_step_invariants(tmp_path):
 
 
 def test_micro_batches_give_the_full_batch_update(tmp_path):
-    whole, _ = run(small_cfg(), tmp_path / "whole")
-    split, _ = run(small_cfg(micro_batch=3), tmp_path / "split")  # 8 sequences as 3 + 3 + 2
-    # summing in another order changes gradients in the last bits; Adam divides by sqrt(v), so a
-    # near-zero gradient's rounding moves its weight by up to ~1e-5 here: far below one real step
-    for k, v in whole.state_dict().items():
-        torch.testing.assert_close(split.state_dict()[k], v, rtol=1e-4, atol=2e-5)
+    start = build(0)[0].state_dict()
+    whole, _ = run(small_cfg(lr=2e-3), tmp_path / "whole")
+    split, _ = run(small_cfg(lr=2e-3, micro_batch=3), tmp_path / "split")  # 8 sequences as 3 + 3 + 2
+    # summing in another order changes gradients in the last bits, and Adam divides each by sqrt(v):
+    # a gradient near Adam's eps turns that rounding into a visible step, so a handful of weights may
+    # differ slightly. A wrongly weighted micro-batch changes the update of nearly every weight.
+    moved = torch.cat([(whole.state_dict()[k] - v).flatten() for k, v in start.items()]).abs()
+    diff = torch.cat([(split.state_dict()[k] - v).flatten() for k, v in whole.state_dict().items()]).abs()
+    assert moved.max() > 1e-3  # the update is real
+    assert (diff > 2e-5).float().mean() < 1e-3 and diff.max() < 2e-4
 
 
 def test_reward_goes_up(tmp_path):
