@@ -26,16 +26,6 @@ def _digits(size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
     return (images * 2 - 1).repeat(1, 3, 1, 1), torch.from_numpy(data.target).long()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # convolutions this small gain nothing from intra-op threads, and on a busy 2-core machine the
-    # threads' spin-waiting made this file ten times slower
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def digits():
     images, labels = _digits()

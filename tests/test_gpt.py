@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tiny_models import random_gpt
 
 import argrpo.gpt as gpt_module
 from argrpo.config import ConfigError
@@ -27,17 +28,6 @@ def meta_gpt(preset: str, **overrides) -> GPT:
         return GPT(gpt_config(preset, **overrides))
 
 
-def random_gpt(seed: int = 0, **overrides) -> GPT:
-    """A tiny GPT whose weights are all non-trivial (the zero-initialised head would give uniform logits)."""
-    torch.manual_seed(seed)
-    model = GPT(gpt_config("tiny", **{"vocab_size": 32, "num_classes": 10, "block_size": 16, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3)
-    return model.eval()
 
 
 @pytest.mark.parametrize("preset", list(PARAMETERS))

@@ -3,9 +3,10 @@ prefix-recomputing reference, guidance follows SPEC §3, and bad settings fail w
 
 import pytest
 import torch
+from tiny_models import random_gpt as tiny_gpt
 
 from argrpo.config import ConfigError
-from argrpo.gpt import GPT, gpt_config
+from argrpo.gpt import GPT
 from argrpo.sampling import (
     SamplingConfig,
     draw,
@@ -19,25 +20,7 @@ V, C, T = 32, 10, 16  # vocab, classes (null id 10), image tokens (4 x 4)
 
 
 def random_gpt(seed: int = 0) -> GPT:
-    """A tiny GPT with non-trivial weights: the zero-initialised head would make every distribution uniform."""
-    torch.manual_seed(seed)
-    model = GPT(gpt_config("tiny", vocab_size=V, num_classes=C, block_size=T))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
-            else:
-                p.normal_(0.0, 0.3)
-    return model.eval()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # hundreds of tiny ops per sample: with other processes on the cores, intra-op thread hand-offs cost 10x
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    return tiny_gpt(seed, vocab_size=V, num_classes=C, block_size=T)
 
 
 @pytest.fixture(scope="module")
