@@ -31,6 +31,10 @@ class FeatureExtractor(Protocol):
         """Softmax class probabilities [N, C] (Inception Score)."""
         ...
 
+    def features_and_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both of the above from one pass of the network."""
+        ...
+
 
 class ClassifierFeatures:
     """The digit judge as a feature extractor: its pooled penultimate features and its softmax.
@@ -59,6 +63,14 @@ class ClassifierFeatures:
     def class_probs(self, images: torch.Tensor) -> torch.Tensor:
         return self._batched(images, lambda x: self.model(x).softmax(dim=1))  # probs: [N, num_classes]
 
+    def features_and_probs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        both = self._batched(images, self._features_then_probs)  # [N, feat_dim + num_classes]
+        return both[:, : self.model.config["feat_dim"]], both[:, self.model.config["feat_dim"] :]
+
+    def _features_then_probs(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.model.features(x)
+        return torch.cat([f, self.model.head(f).softmax(dim=1)], dim=1)
+
 
 def extract(
     extractor: FeatureExtractor, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 1000
@@ -74,8 +86,9 @@ def extract(
         batches = images
     features, probs = [], []
     for batch in batches:
-        features.append(extractor.features(batch).cpu().numpy().astype(np.float32))
-        probs.append(extractor.class_probs(batch).cpu().numpy().astype(np.float32))
+        f, p = extractor.features_and_probs(batch)
+        features.append(f.cpu().numpy().astype(np.float32))
+        probs.append(p.cpu().numpy().astype(np.float32))
     if not features:
         raise ValueError("extract got no images")
     return np.concatenate(features), np.concatenate(probs)

@@ -17,6 +17,7 @@ from common import extractors, params, preflight, stage, write_json
 from argrpo.config import load_section, require
 from argrpo.data import load_dataset, to_tensor
 from argrpo.distributed import cleanup, init_distributed
+from argrpo.features import extract
 from argrpo.metrics import compute_metrics, load_ref_stats
 
 KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "forward_passes_per_image", "seconds_per_image")
@@ -36,8 +37,7 @@ class EvaluateConfig:
 def evaluate_config(npz: Path, extractor, ref: dict, cfg: EvaluateConfig) -> dict[str, float]:
     with np.load(npz) as z:
         images, labels = to_tensor(z["images"]), torch.from_numpy(z["labels"])
-    features = extractor.features(images).numpy()
-    probs = extractor.class_probs(images).numpy()
+    features, probs = extract(extractor, images)
     row = compute_metrics(ref["features"], features, probs, ref["mu"], ref["sigma"], k=cfg.k, splits=cfg.is_splits)
     row["class_accuracy"] = float((probs.argmax(1) == labels.numpy()).mean()) if probs.shape[1] > 1 else float("nan")
     row.update({k: v for k, v in json.loads(npz.with_suffix(".json").read_text()).items() if k in KEYS})
@@ -72,8 +72,8 @@ def main() -> None:
         # slightly higher FID than the same number of real images would give)
         data = load_dataset("data/dataset.npz")
         held, held_labels = data.part("holdout")
-        floor = compute_metrics(ref["features"], eval_x.features(held).numpy(), eval_x.class_probs(held).numpy(),
-                                ref["mu"], ref["sigma"], k=cfg.k, splits=cfg.is_splits)
+        floor = compute_metrics(ref["features"], *extract(eval_x, held), ref["mu"], ref["sigma"], k=cfg.k,
+                                splits=cfg.is_splits)
         floor["images"] = len(held_labels)
         write_json("reports/metrics.json", metrics)
         write_json("reports/metrics_seeds.json", {"per_run": rows, "std_over_seeds": spread,

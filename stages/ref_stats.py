@@ -12,6 +12,7 @@ from common import extractors, params, preflight, stage, weights_config
 
 from argrpo.config import load_section, require
 from argrpo.data import load_dataset, to_tensor
+from argrpo.features import extract
 from argrpo.metrics import save_ref_stats
 
 
@@ -47,8 +48,7 @@ def main() -> None:
             return
         else:
             images = to_tensor(data.images)
-            save_ref_stats("data/ref_stats.npz", eval_x.features(images).numpy(),
-                           eval_x.class_probs(images).numpy())
+            save_ref_stats("data/ref_stats.npz", *extract(eval_x, images))
         train_images, _ = data.part("train")  # the reward side never sees the evaluation network
         save_ref_stats("data/reward_ref_stats.npz", reward_x.features(train_images).numpy())
         run.log_metrics({"ref_images": len(data.labels), "reward_ref_images": len(train_images)})

@@ -125,6 +125,9 @@ def test_classifier_features_follow_the_extractor_protocol(judge, digits):
     assert feats.dtype == probs.dtype == torch.float32
     assert not feats.requires_grad
     torch.testing.assert_close(probs.sum(dim=1), torch.ones(50))
+    one_pass = extractor.features_and_probs(x)  # what extract() uses: one network pass for both
+    torch.testing.assert_close(one_pass[0], feats)
+    torch.testing.assert_close(one_pass[1], probs)
 
     np_feats, np_probs = extract(extractor, x, batch_size=16)
     assert np_feats.dtype == np_probs.dtype == np.float32
