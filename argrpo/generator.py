@@ -11,7 +11,8 @@ from tqdm import tqdm
 from argrpo.config import require
 from argrpo.distributed import Dist, derived_seed, shard_indices
 from argrpo.gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config
-from argrpo.sampling import SamplingConfig, sample_tokens
+from argrpo.policy import Policy, Rollout
+from argrpo.sampling import SamplingConfig, sample_tokens, token_logprobs
 from argrpo.vq import VQ_PRESETS, VQConfig, VQModel, vq_config
 
 
@@ -52,6 +53,36 @@ class ModelConfig:
 
 def build_models(cfg: ModelConfig) -> tuple[GPT, VQModel]:
     return GPT(cfg.gpt()), VQModel(cfg.vq())
+
+
+class LlamaGenPolicy(Policy):
+    """LlamaGen class-to-image as a policy: condition ids are class labels, one token per forward.
+
+    `net` is the GPT (its state dict is LlamaGen's layout); the VQ tokenizer decodes.
+    """
+
+    def __init__(self, gpt: GPT, vq: VQModel):
+        super().__init__(gpt, vq.eval().requires_grad_(False))
+        self.num_conditions = gpt.config.num_classes
+        self.num_tokens = gpt.config.block_size
+        self.vocab_size = gpt.config.vocab_size
+
+    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor,
+                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.net, conditions, tokens, temperature)
+
+    @torch.no_grad()
+    def rollout(self, conditions: torch.Tensor, sampling: SamplingConfig,
+                generator: torch.Generator | None = None) -> Rollout:
+        sample = sample_tokens(self.net, conditions, sampling, generator)
+        return Rollout(sample.tokens, sample.logprobs)
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tokenizer.decode_tokens(tokens)
+
+    def forward_passes(self, sampling: SamplingConfig) -> float:
+        return forward_passes_per_image(sampling, self.num_tokens)
 
 
 @torch.no_grad()
