@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -18,7 +19,28 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from argrpo.config import require
+from argrpo.config import Bool, Float, Int, require
+
+
+@dataclass(frozen=True)
+class JudgeConfig:
+    """The `judge` section: the embedded reward classifier and the independent evaluation network."""
+
+    reward_seed: Int = 1
+    eval_seed: Int = 2
+    epochs: Int = 8
+    batch_size: Int = 64
+    lr: Float = 2e-3
+    eval_holdout_fraction: Float = 0.3
+    enabled: Bool = True  # false at real scale, where Inception and the reward files judge
+
+    def __post_init__(self) -> None:
+        require(self.reward_seed != self.eval_seed, "eval_seed", "must differ from reward_seed", self.eval_seed)
+        require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
+        require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        require(self.lr > 0, "lr", "must be > 0", self.lr)
+        require(0 < self.eval_holdout_fraction < 1, "eval_holdout_fraction", "must be in (0, 1)",
+                self.eval_holdout_fraction)
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:

@@ -61,18 +61,17 @@ def compare(out: Path = typer.Option(Path("reports/compare.png"), help="FID-agai
 @app.command()
 def doctor(params: Path = typer.Option(Path("params.yaml"), help="params file to check")) -> None:
     """Check every local file the configuration names: exists, loads safely, right architecture, sha256."""
-    from argrpo.config import load_section, read_params
-    from argrpo.generator import ModelConfig
-    from argrpo.weights import WeightsConfig, check_weights, model_shapes, needed_weights
+    from argrpo.config import ConfigError, read_params
+    from argrpo.params import parse_params
+    from argrpo.weights import check_weights, model_shapes, needed_weights
 
-    p = read_params(params)
-    model = load_section(ModelConfig, p.get("model"), "model")
-    weights = load_section(WeightsConfig, p.get("weights"), "weights")
-    rewards = set((p.get("grpo") or {}).get("rewards") or {})
-    for variant in ((p.get("grpo_runs") or {}).get("variants") or {}).values():
-        rewards |= set((variant or {}).get("rewards") or {})
-    needed = needed_weights(model.source, sorted(rewards), (p.get("ref_stats") or {}).get("features", "classifier"),
-                            weights.ref_stats)
+    try:
+        p = parse_params(read_params(params))
+    except ConfigError as err:
+        typer.echo(f"{params}: {err}", err=True)
+        raise typer.Exit(2) from None
+    model, weights = p.model, p.weights
+    needed = needed_weights(model.source, p.instance_rewards(), p.ref_stats.features, weights.ref_stats)
     typer.echo(f"model: {model.gpt_preset} + {model.vq_preset} at {model.image_size}px, source: {model.source}")
     if not needed:
         typer.echo("this configuration reads no external files (embedded default): nothing to check")

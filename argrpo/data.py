@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from argrpo.config import require
+from argrpo.config import Float, Int, require
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG"}
 
@@ -23,10 +23,10 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG"}
 class DataConfig:
     kind: str = "digits"  # digits | folder
     root: str = ""  # folder kind: one sub-folder of images per class (ImageNet layout)
-    image_size: int = 16
-    holdout_fraction: float = 0.25
-    max_per_class: int = 0  # 0: every image
-    seed: int = 0
+    image_size: Int = 16
+    holdout_fraction: Float = 0.25
+    max_per_class: Int = 0  # 0: every image
+    seed: Int = 0
 
     def __post_init__(self) -> None:
         require(self.kind in ("digits", "folder"), "kind", "must be 'digits' or 'folder'", self.kind)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,6 +25,34 @@ import torch.distributed as tdist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+from argrpo.config import Int, require
+
+# what a torchrun argument may contain: the stage command is a shell line, so no quoting, no expansion
+SAFE_ARGUMENT = re.compile(r"[A-Za-z0-9_.:=/,@+-]+")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """The `distributed` section: how grpo, sample and evaluate are launched through torchrun."""
+
+    nproc_per_node: Int = 1  # processes per machine (GPUs)
+    torchrun_args: str = "--standalone"  # e.g. --nnodes 2 --node_rank 0 --rdzv_endpoint host:29500
+
+    def __post_init__(self) -> None:
+        require(self.nproc_per_node >= 1, "nproc_per_node", "must be >= 1", self.nproc_per_node)
+        bad = [arg for arg in self.torchrun_args.split() if not SAFE_ARGUMENT.fullmatch(arg)]
+        require(not bad, "torchrun_args", "must be plain torchrun options (letters, digits and . _ : = / , @ + - "
+                "only; no shell syntax)", self.torchrun_args)
+
+    @property
+    def world_size(self) -> int | None:
+        """Processes in all: nproc_per_node x --nnodes; None when --nnodes is an elastic range."""
+        args = self.torchrun_args.replace("=", " ").split()
+        nodes = args[args.index("--nnodes") + 1] if "--nnodes" in args[:-1] else "1"
+        return self.nproc_per_node * int(nodes) if nodes.isdigit() else None
+
 
 # odd 64-bit constant (2^64 / golden ratio): consecutive streams get seeds far apart
 SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -151,6 +180,31 @@ def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:
     values = mean_over_ranks(torch.tensor(list(metrics.values()), dtype=torch.float64))
     return dict(zip(metrics, values.tolist(), strict=True))
 
+
+
+PARALLEL_MODES = ("ddp", "fsdp")
+
+
+def parallelize(model: torch.nn.Module, frozen: torch.nn.Module, dist: Dist, mode: str) -> torch.nn.Module:
+    """Set a trainable model and its frozen twin up for `dist.world_size` processes; returns the module
+    whose forward/backward trains (a DDP wrapper, or the model itself).
+
+    "ddp" replicates both with rank 0's weights and wraps the model, whose gradients are then averaged in
+    backward; "fsdp" shards both (parameters, gradients and, through the optimizer built afterwards, its
+    state), gathering the whole model inside `full_parameters`. One process: both stay as they are.
+    """
+    if mode not in PARALLEL_MODES:
+        raise ValueError(f"parallel mode must be one of {', '.join(PARALLEL_MODES)}, got {mode!r}")
+    if dist.world_size == 1:
+        return model
+    broadcast_module(frozen)  # copied from each process's model: make every copy rank 0's
+    if mode == "ddp":
+        device = next(model.parameters()).device
+        return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    broadcast_module(model)  # each process keeps its slice of its own copy: make the copies rank 0's
+    shard_model(model)
+    shard_model(frozen)  # sharded alike, so an EMA update runs slice by slice
+    return model
 
 
 def broadcast_module(module: torch.nn.Module) -> None:

@@ -5,7 +5,7 @@ Two parts combine multiplicatively:
   steps, 1 in the middle, cosine decay to 0 from `decay_start_frac` on;
 - the controller state c, which starts at `base_coef` and, whenever the normalised entropy
   H_norm = H / log(V) misses `target` by more than `deadband`, is multiplied by exp(k * err) with
-  err = target - H_norm and clamped to [min_coef, max_coef] (SPEC §7: c *= exp(k err), clamp c).
+  err = target - H_norm and clamped to [min_coef, max_coef] (docs/method.md, "Adaptive entropy").
 
 The coefficient used in the loss is w(step) * c. Clamping the state rather than the product keeps
 the controller free of wind-up (c never leaves the band however long the entropy stays off target)
@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from argrpo.config import require
+from argrpo.config import Float, require
 
 ENTROPY_MODES = ("off", "fixed", "adaptive")
 
@@ -26,14 +26,14 @@ ENTROPY_MODES = ("off", "fixed", "adaptive")
 @dataclass(frozen=True)
 class EntropyConfig:
     mode: str = "adaptive"
-    base_coef: float = 2.2e-3
-    target: float = 0.78  # normalised entropy H / log(V) the controller steers towards
-    deadband: float = 0.015
-    gain_k: float = 3.0
-    min_coef: float = 7e-5
-    max_coef: float = 4e-3
-    warmup_frac: float = 0.05
-    decay_start_frac: float = 0.85
+    base_coef: Float = 2.2e-3
+    target: Float = 0.78  # normalised entropy H / log(V) the controller steers towards
+    deadband: Float = 0.015
+    gain_k: Float = 3.0
+    min_coef: Float = 7e-5
+    max_coef: Float = 4e-3
+    warmup_frac: Float = 0.05
+    decay_start_frac: Float = 0.85
 
     def __post_init__(self) -> None:
         require(self.mode in ENTROPY_MODES, "mode", f"must be one of {', '.join(ENTROPY_MODES)}", self.mode)

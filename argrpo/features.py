@@ -7,12 +7,29 @@ only ever see this interface, so the embedded digit judge and Inception are inte
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from argrpo.classifier import DigitClassifier
+from argrpo.config import Int, require
+
+FEATURE_NETWORKS = ("classifier", "inception")
+
+
+@dataclass(frozen=True)
+class RefStatsConfig:
+    """The `ref_stats` section: which network's features the metrics and LOO-FID use."""
+
+    features: str = "classifier"  # classifier (embedded judge networks) | inception (weights.inception)
+    batch_size: Int = 256
+
+    def __post_init__(self) -> None:
+        require(self.features in FEATURE_NETWORKS, "features", f"must be one of {', '.join(FEATURE_NETWORKS)}",
+                self.features)
+        require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
 
 
 @runtime_checkable

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from argrpo.config import require
+from argrpo.config import Float, Int, require
 from argrpo.distributed import Dist, derived_seed, shard_indices
 from argrpo.gpt import GPT, GPT_PRESETS, GPTConfig, gpt_config
 from argrpo.policy import Policy, Rollout
@@ -20,8 +20,8 @@ from argrpo.vq import VQ_PRESETS, VQConfig, VQModel, vq_config
 class ModelConfig:
     gpt_preset: str = "small"
     vq_preset: str = "small"
-    image_size: int = 16
-    num_classes: int = 10
+    image_size: Int = 16
+    num_classes: Int = 10
     source: str = "embedded"  # embedded: trained by the pretrain stage; weights: files named in `weights`
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "fp32"  # fp32 | bf16 (sampling and the GRPO forward passes)
@@ -33,6 +33,7 @@ class ModelConfig:
         require(self.source in ("embedded", "weights"), "source", "must be 'embedded' or 'weights'", self.source)
         require(self.device in ("auto", "cpu", "cuda"), "device", "must be auto, cpu or cuda", self.device)
         require(self.precision in ("fp32", "bf16"), "precision", "must be fp32 or bf16", self.precision)
+        require(self.num_classes >= 1, "num_classes", "must be >= 1", self.num_classes)
         ds = self.vq().downsample
         require(self.image_size % ds == 0, "image_size", f"must be divisible by the tokenizer's downsampling {ds}",
                 self.image_size)
@@ -49,6 +50,30 @@ class ModelConfig:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """The `sample` section: the class-balanced, seeded images every configuration is evaluated on."""
+
+    num_images: Int = 1000
+    batch_size: Int = 250
+    cfg_scale: Float = 2.0  # the base model's guided row
+    temperature: Float = 1.0
+    top_k: Int = 0
+    top_p: Float = 1.0
+    seed: Int = 1234
+    save_png: Int = 100  # PNG files written per configuration (all go into the .npz)
+
+    def __post_init__(self) -> None:
+        require(self.num_images >= 2, "num_images", "must be >= 2", self.num_images)
+        require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        require(self.cfg_scale > 1, "cfg_scale", "must be > 1 (the guided row of the base model)", self.cfg_scale)
+        require(self.save_png >= 0, "save_png", "must be >= 0", self.save_png)
+        self.sampling(self.cfg_scale)  # temperature, top-k and top-p are checked where they are used
+
+    def sampling(self, cfg_scale: float) -> SamplingConfig:
+        return SamplingConfig(cfg_scale=cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 def build_models(cfg: ModelConfig) -> tuple[GPT, VQModel]:
@@ -86,10 +111,11 @@ class LlamaGenPolicy(Policy):
 
 
 @torch.no_grad()
-def generate_sharded(gpt: GPT, vq: VQModel, labels: torch.Tensor, sampling: SamplingConfig, batch_size: int,
+def generate_sharded(policy: Policy, conditions: torch.Tensor, sampling: SamplingConfig, batch_size: int,
                      seed: int, dist: Dist | None = None, progress: bool = True, desc: str = "sample",
                      precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of the images for `labels` [N]: (global indices [n] long, images [n, 3, H, W] on CPU).
+    """This process's share of the images for condition ids [N]: (global indices [n] long, images
+    [n, 3, H, W] on CPU).
 
     The N images are cut by index into chunks of `batch_size`; chunk c is one sampling call with its own
     generator seeded `derived_seed(seed, c)`, and the chunks are spread over the processes in contiguous runs.
@@ -98,19 +124,21 @@ def generate_sharded(gpt: GPT, vq: VQModel, labels: torch.Tensor, sampling: Samp
     processes get no chunk.
     """
     dist = dist or Dist()
-    device = next(gpt.parameters()).device
-    n = len(labels)
+    device = policy.device
+    n = len(conditions)
     chunks = shard_indices(math.ceil(n / batch_size), dist.rank, dist.world_size)
     start, stop = min(chunks.start * batch_size, n), min(chunks.stop * batch_size, n)
-    side = gpt.config.grid_size * vq.config.downsample
-    out = [torch.empty(0, 3, side, side)]  # a process without a chunk still returns a well-shaped tensor
+    out = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for c in tqdm(chunks, desc=desc, disable=not (progress and dist.is_main)):
-        batch = labels[c * batch_size : (c + 1) * batch_size].to(device)
+        batch = conditions[c * batch_size : (c + 1) * batch_size].to(device)
         generator = torch.Generator(device=device).manual_seed(derived_seed(seed, c))
         with autocast:
-            tokens = sample_tokens(gpt, batch, sampling, generator).tokens
-        out.append(vq.decode_tokens(tokens).float().cpu())
+            tokens = policy.rollout(batch, sampling, generator).tokens
+        out.append(policy.decode(tokens).float().cpu())
+    if not out:  # a process without a chunk still returns a well-shaped tensor
+        side = policy.decode(torch.zeros(1, policy.num_tokens, dtype=torch.long, device=device)).shape[-1]
+        out.append(torch.empty(0, 3, side, side))
     return torch.arange(start, stop), torch.cat(out)
 
 

@@ -11,12 +11,29 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import linalg
 from scipy.special import xlogy
+
+from argrpo.config import Int, require
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """The `evaluate` section."""
+
+    k: Int = 3  # nearest neighbours for precision / recall
+    is_splits: Int = 10
+    batch_size: Int = 256
+
+    def __post_init__(self) -> None:
+        require(self.k >= 1, "k", "must be >= 1", self.k)
+        require(self.is_splits >= 1, "is_splits", "must be >= 1", self.is_splits)
+        require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
 
 
 def feature_moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -154,7 +171,11 @@ def save_ref_stats(path: str | Path, features: np.ndarray, probs: np.ndarray | N
 
 def load_ref_stats(path: str | Path) -> dict[str, np.ndarray]:
     """Read reference statistics: `mu` [F], `sigma` [F, F], derived `std` [F], and `features` /
-    `probs` when the file has them (clean-fid and ADM files carry only the moments)."""
+    `probs` when the file has them (clean-fid and ADM files carry only the moments).
+
+    Shapes and finiteness are checked here: a NaN in the reference would turn every FID, and every
+    LOO-FID reward and so every weight it updates, into NaN.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reference statistics not found: {path}")
@@ -166,8 +187,20 @@ def load_ref_stats(path: str | Path) -> dict[str, np.ndarray]:
         for key in ("features", "probs"):
             if key in data.files:
                 stats[key] = data[key]
+    mu, sigma = stats["mu"], stats["sigma"]
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"reference statistics {path}: mu must be [F] and sigma [F, F], got {mu.shape} and "
+                         f"{sigma.shape}")
+    for key in ("mu", "sigma", "features"):
+        if key in stats and not np.isfinite(stats[key]).all():
+            bad = int((~np.isfinite(stats[key])).sum())
+            raise ValueError(f"reference statistics {path}: {key} holds {bad} non-finite value(s); recompute the "
+                             "file (stage ref_stats)")
+    if "features" in stats and (stats["features"].ndim != 2 or stats["features"].shape[1] != mu.shape[0]):
+        raise ValueError(f"reference statistics {path}: features must be [N, {mu.shape[0]}], got "
+                         f"{stats['features'].shape}")
     # std is derived rather than stored so it can never disagree with sigma
-    stats["std"] = np.sqrt(np.clip(np.diagonal(stats["sigma"]), 0.0, None))
+    stats["std"] = np.sqrt(np.clip(np.diagonal(sigma), 0.0, None))
     return stats
 
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from argrpo.config import require
+from argrpo.config import Float, Int, require
 from argrpo.gpt import GPT
 from argrpo.vq import VQModel
 
@@ -18,17 +18,30 @@ Logger = Callable[[int, dict[str, float]], None]
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    log_every: int = 50
+    steps: Int = 1000
+    batch_size: Int = 64
+    lr: Float = 1e-3
+    weight_decay: Float = 0.0
+    log_every: Int = 50
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "must be >= 1", self.steps)
         require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
         require(self.lr > 0, "lr", "must be > 0", self.lr)
+        require(self.weight_decay >= 0, "weight_decay", "must be >= 0", self.weight_decay)
         require(self.log_every >= 1, "log_every", "must be >= 1", self.log_every)
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The `pretrain` section: the embedded default's tokenizer and GPT training."""
+
+    seed: Int = 0
+    vq: TrainConfig = field(default_factory=TrainConfig)
+    gpt: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        require(self.seed >= 0, "seed", "must be >= 0", self.seed)
 
 
 def cosine_lr(step: int, total: int, base: float, warmup: int = 20) -> float:

@@ -11,23 +11,24 @@ from dataclasses import dataclass
 
 import torch
 
-from argrpo.config import require
+from argrpo.config import Float, Int, require
 from argrpo.gpt import GPT
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    cfg_scale: float = 1.0  # <= 1: a single conditional branch, no doubled batch
-    cfg_interval: int = -1  # guide tokens 0..cfg_interval only; -1: every token
-    temperature: float = 1.0
-    top_k: int = 0  # 0: off
-    top_p: float = 1.0
+    cfg_scale: Float = 1.0  # <= 1: a single conditional branch, no doubled batch
+    cfg_interval: Int = -1  # guide tokens 0..cfg_interval only; -1: every token
+    temperature: Float = 1.0
+    top_k: Int = 0  # 0: off
+    top_p: Float = 1.0
 
     def __post_init__(self) -> None:
         require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
         require(self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)", self.top_k)
         require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
         require(self.cfg_scale >= 0, "cfg_scale", "must be >= 0", self.cfg_scale)
+        require(self.cfg_interval >= -1, "cfg_interval", "must be >= -1 (-1: guide every token)", self.cfg_interval)
 
     @property
     def guided(self) -> bool:

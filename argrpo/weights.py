@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -51,7 +52,9 @@ class WeightsConfig:
                 self.gpt_preset)
         require(self.vq_preset in ("", *VQ_PRESETS), "vq_preset", f"must be one of {list(VQ_PRESETS)}",
                 self.vq_preset)
-        require(bool(self.clip_model), "clip_model", "must name an open_clip architecture", self.clip_model)
+        # open_clip reads "hf-hub:org/name" (or any name with a scheme or a path) as something to download
+        require(re.fullmatch(r"[A-Za-z0-9._-]+", self.clip_model) is not None, "clip_model",
+                "must name an open_clip architecture (e.g. ViT-L-14); hub names would download", self.clip_model)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,9 @@
-"""What every stage script shares: its params section, timing, the MLflow run, model loading."""
+"""What every stage script shares: the validated params, timing, the MLflow run, model loading.
+
+Every stage starts with `params()`, which validates the *whole* params file (every section, every GRPO
+variant, the cross-section checks), and runs its `main` through `run_stage`, which turns a params error
+into one line on stderr and exit status 2, before any work.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,24 +22,32 @@ sys.path.insert(0, str(ROOT))  # stages run as scripts from a checkout, installe
 
 from argrpo import tracking  # noqa: E402
 from argrpo.checkpoints import load_gpt, load_vq  # noqa: E402
-from argrpo.config import load_section, read_params  # noqa: E402
-from argrpo.generator import ModelConfig  # noqa: E402
-from argrpo.weights import WeightsConfig  # noqa: E402
+from argrpo.config import ConfigError, read_params  # noqa: E402
+from argrpo.generator import LlamaGenPolicy  # noqa: E402
+from argrpo.grpo import NonFiniteError  # noqa: E402
+from argrpo.params import Params, parse_params  # noqa: E402
 
 PARAMS_FILE = Path("params.yaml")
 BASE_DIR = Path("models/base")
+JUDGE_DIR = Path("models/judge")
 
 
-def params() -> dict:
-    return read_params(PARAMS_FILE)
+def params() -> Params:
+    """The whole params file, validated; a bad value raises ConfigError naming its dotted key."""
+    return parse_params(read_params(PARAMS_FILE))
 
 
-def model_config(p: dict) -> ModelConfig:
-    return load_section(ModelConfig, p.get("model"), "model")
-
-
-def weights_config(p: dict) -> WeightsConfig:
-    return load_section(WeightsConfig, p.get("weights"), "weights")
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main; a params error is one line on stderr and exit status 2, a run stopped for
+    non-finite values one line and status 1, not a traceback."""
+    try:
+        main()
+    except ConfigError as err:
+        print(f"{PARAMS_FILE}: {err}", file=sys.stderr)
+        sys.exit(2)
+    except NonFiniteError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
 
 
 def write_json(path: str | Path, data: dict) -> None:
@@ -64,51 +77,42 @@ def base_paths() -> tuple[Path, Path]:
     return Path(manifest["gpt"]["path"]), Path(manifest["vq"]["path"])
 
 
-def load_base(cfg: ModelConfig, gpt_path: Path | None = None, device: torch.device | None = None):
-    """(gpt, vq) on `device` (default: the configured one), in eval mode; `gpt_path` swaps in a tuned policy."""
-    base_gpt, base_vq = base_paths()
-    device = device or cfg.torch_device()
-    gpt = load_gpt(gpt_path or base_gpt, cfg.gpt()).to(device)
-    vq = load_vq(base_vq, cfg.vq()).to(device)
-    return gpt, vq
+def load_policy(p: Params, weights: Path | None = None, device: torch.device | None = None) -> LlamaGenPolicy:
+    """The base generator as a policy on `device` (default: the configured one), in eval mode; `weights`
+    swaps in a fine-tuned network (a GRPO run's policy.pt)."""
+    base_net, base_tokenizer = base_paths()
+    device = device or p.model.torch_device()
+    gpt = load_gpt(weights or base_net, p.model.gpt()).to(device)
+    vq = load_vq(base_tokenizer, p.model.vq()).to(device)
+    return LlamaGenPolicy(gpt, vq).eval()
 
 
-JUDGE_DIR = Path("models/judge")
+def extractor(p: Params, side: str):
+    """The feature extractor of one side for `ref_stats.features`: "eval" (FID, IS, precision / recall) or
+    "reward" (LOO-FID).
 
-
-def extractors(p: dict, kind: str) -> tuple:
-    """(evaluation extractor, reward-side extractor) for `ref_stats.features`.
-
-    classifier: the judge stage's independent evaluation network and its reward classifier;
-    inception: the TorchScript Inception named in `weights.inception`, for both.
+    classifier: the judge stage's independent evaluation network, or its reward classifier;
+    inception: the TorchScript Inception named in `weights.inception`, for both sides.
     """
     from argrpo.classifier import load_classifier
     from argrpo.features import ClassifierFeatures
 
-    device = model_config(p).torch_device()
-    if kind == "inception":
+    device = p.model.torch_device()
+    if p.ref_stats.features == "inception":
         from argrpo.inception import InceptionFeatures
         from argrpo.weights import require_weights
 
-        w = weights_config(p)
-        require_weights(w, ["inception"])
-        inception = InceptionFeatures(w.inception, device=device)
-        return inception, inception
-    return (ClassifierFeatures(load_classifier(JUDGE_DIR / "eval_net.pt", device), device=device),
-            ClassifierFeatures(load_classifier(JUDGE_DIR / "reward_classifier.pt", device), device=device))
+        require_weights(p.weights, ["inception"])
+        return InceptionFeatures(p.weights.inception, device=device)
+    network = {"eval": "eval_net.pt", "reward": "reward_classifier.pt"}[side]
+    return ClassifierFeatures(load_classifier(JUDGE_DIR / network, device), device=device)
 
 
-def preflight(p: dict, extra: list[str] | None = None) -> None:
+def preflight(p: Params, only: list[str] | None = None) -> None:
     """Fail in seconds, before any model is built, when a file the configuration needs is missing or wrong."""
     from argrpo.weights import model_shapes, needed_weights, require_weights
 
-    model = model_config(p)
-    grpo = p.get("grpo") or {}
-    rewards = set(grpo.get("rewards") or {})
-    for variant in ((p.get("grpo_runs") or {}).get("variants") or {}).values():
-        rewards |= set((variant or {}).get("rewards") or {})
-    needed = needed_weights(model.source, sorted(rewards), (p.get("ref_stats") or {}).get("features", "classifier"),
-                            weights_config(p).ref_stats)
-    needed = [n for n in needed if extra is None or n in extra]
+    needed = needed_weights(p.model.source, p.instance_rewards(), p.ref_stats.features, p.weights.ref_stats)
+    needed = [n for n in needed if only is None or n in only]
     if needed:
-        require_weights(weights_config(p), needed, model_shapes(model.gpt(), model.vq()))
+        require_weights(p.weights, needed, model_shapes(p.model.gpt(), p.model.vq()))

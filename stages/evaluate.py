@@ -7,31 +7,18 @@ and reports/metrics_seeds.json holds every seed's row and the spread.
 
 import json
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from common import extractors, params, preflight, stage, write_json
+from common import extractor, params, preflight, run_stage, stage, write_json
 
-from argrpo.config import load_section, require
 from argrpo.data import load_dataset, to_tensor
 from argrpo.distributed import cleanup, init_distributed
 from argrpo.features import extract
-from argrpo.metrics import compute_metrics, load_ref_stats
+from argrpo.metrics import EvaluateConfig, compute_metrics, load_ref_stats
 
 KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "forward_passes_per_image", "seconds_per_image")
-
-
-@dataclass(frozen=True)
-class EvaluateConfig:
-    k: int = 3
-    is_splits: int = 10
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        require(self.k >= 1, "k", "must be >= 1", self.k)
-        require(self.is_splits >= 1, "is_splits", "must be >= 1", self.is_splits)
 
 
 def evaluate_config(npz: Path, extractor, ref: dict, cfg: EvaluateConfig) -> dict[str, float]:
@@ -46,14 +33,14 @@ def evaluate_config(npz: Path, extractor, ref: dict, cfg: EvaluateConfig) -> dic
 
 def main() -> None:
     p = params()
-    cfg = load_section(EvaluateConfig, p.get("evaluate"), "evaluate")
+    cfg = p.evaluate
     preflight(p, ["inception"])
-    dist = init_distributed((p.get("model") or {}).get("device", "auto"))
+    dist = init_distributed(p.model.device)
     if not dist.is_main:  # scoring is cheap next to sampling: rank 0 evaluates, the others only join and leave
         cleanup()
         return
-    with stage("evaluate", p.get("evaluate")) as run:
-        eval_x, _ = extractors(p, (p.get("ref_stats") or {}).get("features", "classifier"))
+    with stage("evaluate", p.raw.get("evaluate")) as run:
+        eval_x = extractor(p, "eval")
         ref = load_ref_stats("data/ref_stats.npz")
         rows = {f.stem: evaluate_config(f, eval_x, ref, cfg) for f in sorted(Path("samples").glob("*.npz"))}
         metrics, groups = {}, {}
@@ -85,4 +72,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

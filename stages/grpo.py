@@ -1,4 +1,4 @@
-"""Stage grpo@<variant>-<seed>: GRPO fine-tuning of the base GPT, without CFG in the loss.
+"""Stage grpo@<variant>-<seed>: GRPO fine-tuning of the base generator, without CFG in the loss.
 
 The `grpo` section holds the settings every run shares; `grpo_runs.variants.<variant>` overrides
 them and the seed comes from the stage's matrix. Resumes from models/grpo/<run>/state.pt.
@@ -10,26 +10,19 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from common import extractors, load_base, model_config, params, preflight, stage, weights_config, write_json
+from common import extractor, load_policy, params, preflight, run_stage, stage, write_json
 
-from argrpo.config import ConfigError
 from argrpo.data import load_dataset
 from argrpo.distributed import cleanup, init_distributed
-from argrpo.grpo import grpo_config_from_params, train_grpo
+from argrpo.grpo import train_grpo
 from argrpo.metrics import load_ref_stats
+from argrpo.params import Params
 from argrpo.rewards import build_reward
 from argrpo.rewards.loo_fid import LooFidReward
 
 
-def merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def instance_rewards(p: dict, names: dict[str, float], class_names: list[str], device) -> dict:
-    w = weights_config(p)
+def instance_rewards(p: Params, names: dict[str, float], class_names: list[str], device) -> dict:
+    w = p.weights
     kwargs = {
         "classifier": lambda: {"model_or_path": "models/judge/reward_classifier.pt", "device": device},
         "clip": lambda: {"model_name": w.clip_model, "weights": w.clip_weights, "class_names": class_names,
@@ -55,31 +48,26 @@ def main() -> None:
     parser.add_argument("seed", type=int)
     args = parser.parse_args()
     p = params()
-    variants = (p.get("grpo_runs") or {}).get("variants") or {}
-    if args.variant not in variants:
-        raise ConfigError(f"grpo_runs.variants has no variant {args.variant!r}; defined: {', '.join(variants)}")
-    section = merge(p.get("grpo") or {}, {**(variants[args.variant] or {}), "seed": args.seed})
-    cfg = grpo_config_from_params(section)
+    cfg = p.grpo_variant(args.variant, args.seed)
+    section = p.grpo_section(args.variant, args.seed)
     preflight(p)
-    model = model_config(p)
     name = f"{args.variant}_s{args.seed}"
     out = Path("models/grpo") / name
-    dist = init_distributed(model.device)  # torchrun: one process per GPU (or CPU slot), gloo / NCCL
-    tracked = stage(f"grpo@{args.variant}-{args.seed}", {"grpo": section, "model": p["model"]}, run_name=name)
+    dist = init_distributed(p.model.device)  # torchrun: one process per GPU (or CPU slot), gloo / NCCL
+    tracked = stage(f"grpo@{args.variant}-{args.seed}", {"grpo": section, "model": p.raw.get("model")},
+                    run_name=name)
     with tracked if dist.is_main else nullcontext() as run:
         if run:
             run.set_tags({"variant": args.variant, "seed": str(args.seed), "processes": str(dist.world_size)})
         torch.manual_seed(cfg.seed)
-        policy, vq = load_base(model, device=dist.device)
-        class_names = class_names_for(model.num_classes)
-        rewards = instance_rewards(p, cfg.rewards, class_names, dist.device)
+        policy = load_policy(p, device=dist.device)
+        rewards = instance_rewards(p, cfg.rewards, class_names_for(p.model.num_classes), dist.device)
         loo_fid = None
         if cfg.fid_advantage_weight > 0:
-            _, reward_x = extractors(p, (p.get("ref_stats") or {}).get("features", "classifier"))
             ref = load_ref_stats("data/reward_ref_stats.npz")
-            loo_fid = LooFidReward.from_config(reward_x, torch.from_numpy(ref["mu"]), torch.from_numpy(ref["std"]),
-                                               cfg.loo_fid)
-        train_grpo(policy, vq, rewards, loo_fid, cfg, out, num_classes=model.num_classes, dist=dist,
+            mu, std = torch.from_numpy(ref["mu"]), torch.from_numpy(ref["std"])
+            loo_fid = LooFidReward.from_config(extractor(p, "reward"), mu, std, cfg.loo_fid)
+        train_grpo(policy, rewards, loo_fid, cfg, out, dist=dist,
                    log=(lambda step, m: run.log_metrics(m, step)) if run else None)
         if not dist.is_main:
             cleanup()
@@ -93,4 +81,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

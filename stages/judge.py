@@ -7,40 +7,20 @@
   on ImageNet. Rewards never read the evaluation network's weights.
 """
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
-from common import JUDGE_DIR, params, stage, write_json
+from common import JUDGE_DIR, params, run_stage, stage, write_json
 
 from argrpo.classifier import accuracy, save_classifier, train_classifier
-from argrpo.config import load_section, require
 from argrpo.data import load_dataset, stratified_split, to_tensor
-
-
-@dataclass(frozen=True)
-class JudgeConfig:
-    reward_seed: int = 1
-    eval_seed: int = 2
-    epochs: int = 8
-    batch_size: int = 64
-    lr: float = 2e-3
-    eval_holdout_fraction: float = 0.3
-    enabled: bool = True  # false at real scale, where Inception and the reward files judge
-
-    def __post_init__(self) -> None:
-        require(self.reward_seed != self.eval_seed, "eval_seed", "must differ from reward_seed", self.eval_seed)
-        require(self.epochs >= 1, "epochs", "must be >= 1", self.epochs)
-        require(0 < self.eval_holdout_fraction < 1, "eval_holdout_fraction", "must be in (0, 1)",
-                self.eval_holdout_fraction)
 
 
 def main() -> None:
     p = params()
-    cfg = load_section(JudgeConfig, p.get("judge"), "judge")
+    cfg = p.judge
     data = load_dataset("data/dataset.npz")
     n_classes = len(data.class_names)
-    with stage("judge", p.get("judge")) as run:
+    with stage("judge", p.raw.get("judge")) as run:
         if not cfg.enabled:
             JUDGE_DIR.mkdir(parents=True, exist_ok=True)
             (JUDGE_DIR / "DISABLED").write_text("judge.enabled is false: no embedded judge networks\n")
@@ -69,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

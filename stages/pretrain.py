@@ -4,42 +4,24 @@ Writes models/base/manifest.json naming the two checkpoints with their sha256, p
 themselves when trained here (LlamaGen's format, read back through the loaders as a check).
 """
 
-from dataclasses import dataclass, field
-
 import torch
-from common import BASE_DIR, model_config, params, preflight, stage, weights_config, write_json
+from common import BASE_DIR, params, preflight, run_stage, stage, write_json
 
 from argrpo.checkpoints import load_gpt, load_vq, save_checkpoint
-from argrpo.config import load_section, require
 from argrpo.data import load_dataset
 from argrpo.generator import build_models
-from argrpo.pretrain import TrainConfig, encode_all, train_gpt, train_vq
+from argrpo.pretrain import encode_all, train_gpt, train_vq
 from argrpo.weights import sha256_file
-
-
-@dataclass(frozen=True)
-class PretrainConfig:
-    seed: int = 0
-    vq: TrainConfig = field(default_factory=TrainConfig)
-    gpt: TrainConfig = field(default_factory=TrainConfig)
-
-    def __post_init__(self) -> None:
-        require(self.seed >= 0, "seed", "must be >= 0", self.seed)
 
 
 def main() -> None:
     p = params()
-    section = dict(p.get("pretrain") or {})
-    for part in ("vq", "gpt"):
-        section[part] = load_section(TrainConfig, section.get(part), f"pretrain.{part}")
-    cfg = load_section(PretrainConfig, section, "pretrain")
-    model = model_config(p)
+    cfg, model = p.pretrain, p.model
     preflight(p, ["gpt_checkpoint", "vq_checkpoint"])
     BASE_DIR.mkdir(parents=True, exist_ok=True)
-    with stage("pretrain", {"model": p["model"], "pretrain": p.get("pretrain")}) as run:
+    with stage("pretrain", {"model": p.raw.get("model"), "pretrain": p.raw.get("pretrain")}) as run:
         if model.source == "weights":
-            w = weights_config(p)
-            gpt_path, vq_path = w.gpt_checkpoint, w.vq_checkpoint
+            gpt_path, vq_path = p.weights.gpt_checkpoint, p.weights.vq_checkpoint
             load_gpt(gpt_path, model.gpt()), load_vq(vq_path, model.vq())  # right architecture, or a clear error
         else:
             torch.manual_seed(cfg.seed)
@@ -66,4 +48,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

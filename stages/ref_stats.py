@@ -6,35 +6,22 @@
 - data/reward_ref_stats.npz: the reward side's features of the train split, for LOO-FID.
 """
 
-from dataclasses import dataclass
+from common import extractor, params, preflight, run_stage, stage
 
-from common import extractors, params, preflight, stage, weights_config
-
-from argrpo.config import load_section, require
 from argrpo.data import load_dataset, to_tensor
 from argrpo.features import extract
 from argrpo.metrics import save_ref_stats
 
 
-@dataclass(frozen=True)
-class RefStatsConfig:
-    features: str = "classifier"  # classifier | inception
-    batch_size: int = 256
-
-    def __post_init__(self) -> None:
-        require(self.features in ("classifier", "inception"), "features", "must be classifier or inception",
-                self.features)
-        require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
-
-
 def main() -> None:
     p = params()
-    cfg = load_section(RefStatsConfig, p.get("ref_stats"), "ref_stats")
+    cfg = p.ref_stats
     preflight(p, ["inception", "ref_stats"])
-    with stage("ref_stats", p.get("ref_stats")) as run:
-        eval_x, reward_x = extractors(p, cfg.features)
+    with stage("ref_stats", p.raw.get("ref_stats")) as run:
+        eval_x = extractor(p, "eval")
+        reward_x = extractor(p, "reward") if cfg.features == "classifier" else eval_x  # one Inception serves both
         data = load_dataset("data/dataset.npz")
-        ref_file = weights_config(p).ref_stats
+        ref_file = p.weights.ref_stats
         if ref_file:  # an ADM-style reference batch (mu, sigma, arr_0) replaces the dataset's moments
             import numpy as np
 
@@ -55,4 +42,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import params, stage, write_json
+from common import params, run_stage, stage, write_json
 
 from argrpo.report import fmt, image_grid, plot_curves, plot_fid_recall, results_table
 
@@ -82,19 +82,19 @@ def main() -> None:
         timings["report"] = round(time.perf_counter() - started, 1)  # up to here: the report writes this file
         timings["total"] = round(sum(timings.values()), 1)
         write_json(REPORTS / "timings.json", timings)
-        m, d, s = p["model"], p["data"], p["sample"]
+        m, d, s = p.model, p.data, p.sample
         lines = [
             "# Results",
             "",
-            f"Generator: GPT preset `{m['gpt_preset']}`, VQ preset `{m['vq_preset']}`, {m['image_size']} px, "
-            f"{m['num_classes']} classes (data: `{d['kind']}`). {s['num_images']} class-balanced samples per "
-            f"configuration; base CFG scale {s['cfg_scale']}; temperature {s['temperature']}, top-k {s['top_k']}, "
-            f"top-p {s['top_p']}.",
+            f"Generator: GPT preset `{m.gpt_preset}`, VQ preset `{m.vq_preset}`, {m.image_size} px, "
+            f"{m.num_classes} classes (data: `{d.kind}`). {s.num_images} class-balanced samples per "
+            f"configuration; base CFG scale {s.cfg_scale}; temperature {s.temperature}, top-k {s.top_k}, "
+            f"top-p {s.top_p}.",
             "",
             "Metrics compare against `data/ref_stats.npz`: features of every real image of the dataset "
-            f"({d['kind']}) from the evaluation network `{p['ref_stats']['features']}` (the judge stage's "
+            f"({d.kind}) from the evaluation network `{p.ref_stats.features}` (the judge stage's "
             "independent network on the embedded default). FID uses full covariances, IS 10 splits, "
-            f"precision / recall k = {p['evaluate']['k']}. Rewards never read the evaluation network: the "
+            f"precision / recall k = {p.evaluate.k}. Rewards never read the evaluation network: the "
             "LOO-FID reward uses the reward classifier's features, so the FID reported is not the FID optimised.",
             "",
             results_table(metrics, seeds.get("std_over_seeds", {})),
@@ -120,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -21,12 +21,13 @@ from argrpo.classifier import DigitClassifier
 from argrpo.config import ConfigError
 from argrpo.distributed import Dist, all_gather_cat, cleanup, full_state, init_distributed, rank_seed, shard_indices
 from argrpo.entropy import EntropyConfig
-from argrpo.generator import generate_sharded
+from argrpo.generator import LlamaGenPolicy, generate_sharded
 from argrpo.gpt import GPT, gpt_config
 from argrpo.grpo import GRPOConfig, global_sums, start_run, train_grpo
+from argrpo.policy import Rollout
 from argrpo.rewards.classifier import ClassifierReward
 from argrpo.rewards.loo_fid import LooFidConfig, LooFidReward, feature_sums
-from argrpo.sampling import Sample, SamplingConfig, sample_tokens
+from argrpo.sampling import SamplingConfig, sample_tokens
 from argrpo.vq import VQModel, vq_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,14 +93,14 @@ class FixedRollouts:
     def __init__(self, steps: list[dict[str, torch.Tensor]], stop_at: int | None = None):
         self.steps, self.stop_at = steps, stop_at
 
-    def __call__(self, run, labels, cfg):
+    def __call__(self, run, labels, cfg):  # the conditions of a class-conditional policy are its labels
         if run.step == self.stop_at:
             raise Stop  # every process stops at the same point, as a killed job would
         share = shard_indices(cfg.batch_classes, run.dist.rank, run.dist.world_size)
         rows = slice(share.start * cfg.group_size, share.stop * cfg.group_size)
         step = self.steps[run.step]
         assert torch.equal(labels, step["labels"][rows]), "the process's labels are not its share of the batch"
-        return Sample(step["tokens"][rows], step["logprobs"][rows])
+        return Rollout(step["tokens"][rows], step["logprobs"][rows])
 
 
 def train(out: Path, cfg: GRPOConfig, rollouts: FixedRollouts, dist: Dist | None = None,
@@ -108,9 +109,9 @@ def train(out: Path, cfg: GRPOConfig, rollouts: FixedRollouts, dist: Dist | None
     loo_fid = LooFidReward(judge, torch.zeros(8), torch.ones(8), ema_beta=cfg.loo_fid.ema_beta)
     grpo.rollout = rollouts
     logged = []
-    policy = train_grpo(policy, vq, {"classifier": (ClassifierReward(judge), 1.0)}, loo_fid, cfg, out,
-                        num_classes=10, log=lambda step, m: logged.append(m), progress=False, dist=dist)
-    return full_state(policy.state_dict()), loo_fid, logged  # this process's policy (FSDP: gathered)
+    policy = train_grpo(LlamaGenPolicy(policy, vq), {"classifier": (ClassifierReward(judge), 1.0)}, loo_fid, cfg,
+                        out, log=lambda step, m: logged.append(m), progress=False, dist=dist)
+    return full_state(policy.net.state_dict()), loo_fid, logged  # this process's policy (FSDP: gathered)
 
 
 def grpo_worker(dist: Dist, cfg: GRPOConfig, rollouts: list, out: Path) -> None:
@@ -211,17 +212,17 @@ def sample_models():
     torch.manual_seed(0)
     gpt = GPT(GPT_CFG).eval()
     torch.nn.init.normal_(gpt.output.weight, std=0.5)
-    return gpt, VQModel(vq_config("tiny")).eval()
+    return LlamaGenPolicy(gpt, VQModel(vq_config("tiny")).eval())
 
 
-SAMPLE_ARGS = dict(labels=torch.arange(11) % 10, sampling=SamplingConfig(cfg_scale=1.5), batch_size=2, seed=7,
+SAMPLE_ARGS = dict(conditions=torch.arange(11) % 10, sampling=SamplingConfig(cfg_scale=1.5), batch_size=2, seed=7,
                    progress=False)
 
 
 def sample_worker(out: str) -> None:
     """Run under torchrun: this process's images, then every process's gathered on rank 0."""
     dist = init_distributed("cpu")
-    indices, images = generate_sharded(*sample_models(), dist=dist, **SAMPLE_ARGS)
+    indices, images = generate_sharded(sample_models(), dist=dist, **SAMPLE_ARGS)
     torch.save({"indices": indices, "count": len(images)}, f"{out}/rank{dist.rank}.pt")
     all_indices, all_images = all_gather_cat(indices), all_gather_cat(images)
     if dist.is_main:
@@ -248,7 +249,7 @@ def test_torchrun_sampling_covers_every_image_once(tmp_path):
     flat = images.flatten(1)
     assert all(not torch.equal(flat[i], flat[j]) for i in range(11) for j in range(i))  # no image twice
     # every image depends on the seed and its index only: one process draws the same 11 images
-    indices, alone = generate_sharded(*sample_models(), **SAMPLE_ARGS)
+    indices, alone = generate_sharded(sample_models(), **SAMPLE_ARGS)
     assert indices.tolist() == list(range(11)) and torch.equal(alone, images)
 
 
@@ -267,7 +268,7 @@ def test_rank_seeds_are_distinct_and_rank_zero_keeps_the_seed():
 
 
 def test_batch_classes_must_split_evenly_over_processes():
-    policy = build()[0]
+    policy = LlamaGenPolicy(*build()[:2])
     with pytest.raises(ConfigError, match=r"grpo.batch_classes must be divisible by the number of processes "
                                           r"\(2\), got 3"):
         start_run(policy, GRPOConfig(batch_classes=3), Dist(rank=0, world_size=2))

@@ -13,7 +13,7 @@ import argrpo.gpt as gpt_module
 from argrpo.config import ConfigError
 from argrpo.gpt import GPT, RMSNorm, apply_rotary, count_parameters, gpt_config, rope_2d
 
-# SPEC §1: c2i models with 1001 class rows and vocab 16384
+# LlamaGen c2i models: 1001 class rows and vocab 16384 (parameter counts of the released checkpoints)
 PARAMETERS = {
     "GPT-B": 110_888_448,
     "GPT-L": 342_910_976,
@@ -150,7 +150,7 @@ def test_class_position_query_and_key_are_zero_in_every_layer(monkeypatch):
 
 
 def reference_logits(model: GPT, idx: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-    """SPEC §1 written out independently: complex-number RoPE, explicit masked softmax attention."""
+    """LlamaGen's GPT written out independently: complex-number RoPE, explicit masked softmax attention."""
     c, sd = model.config, model.state_dict()
     x = torch.cat([sd["cls_embedding.embedding_table.weight"][cond][:, None], sd["tok_embeddings.weight"][idx]], 1)
     B, L, _ = x.shape

@@ -15,6 +15,7 @@ from argrpo.checkpoints import load_gpt
 from argrpo.classifier import DigitClassifier
 from argrpo.config import ConfigError
 from argrpo.entropy import EntropyConfig
+from argrpo.generator import LlamaGenPolicy
 from argrpo.gpt import GPT, gpt_config
 from argrpo.grpo import GRPOConfig, grpo_config_from_params, train_grpo
 from argrpo.rewards.classifier import ClassifierReward
@@ -55,9 +56,9 @@ def run(cfg, out_dir, rewards=None, loo=True, seed=0):
     rewards = rewards if rewards is not None else {"classifier": (ClassifierReward(judge), 1.0)}
     loo_fid = LooFidReward(judge, torch.zeros(8), torch.ones(8), ema_beta=0.5) if loo else None
     logged = []
-    policy = train_grpo(policy, vq, rewards, loo_fid, cfg, out_dir, num_classes=10,
+    policy = train_grpo(LlamaGenPolicy(policy, vq), rewards, loo_fid, cfg, out_dir,
                         log=lambda step, m: logged.append(m), progress=False)
-    return policy, logged
+    return policy.net, logged
 
 
 def test_one_step_invariants(tmp_path):
@@ -136,7 +137,7 @@ def tiny_run(out: str, pause: float) -> None:
 
     cfg = small_cfg(steps=6, checkpoint_every=1, loo_fid=LooFidConfig(bootstrap=True, bootstrap_batches=1,
                                                                       ema_beta=0.5))
-    train_grpo(policy, vq, {"classifier": (ClassifierReward(judge), 1.0)}, loo_fid, cfg, out, num_classes=10,
+    train_grpo(LlamaGenPolicy(policy, vq), {"classifier": (ClassifierReward(judge), 1.0)}, loo_fid, cfg, out,
                log=log, progress=False)
 
 
@@ -226,4 +227,4 @@ def test_params_build_nested_settings():
     assert cfg.loo_fid == LooFidConfig(mode="loo_batch", ema_beta=0.5)
     assert cfg.sampling.cfg_scale == 2.0 and cfg.sampling.top_k == 10 and cfg.entropy.mode == "fixed"
     assert grpo_config_from_params({}) == GRPOConfig()
-    assert GRPOConfig().sampling.cfg_scale == 1.5  # SPEC §5 rollout guidance
+    assert GRPOConfig().sampling.cfg_scale == 1.5  # the LOO-FID paper's rollout guidance

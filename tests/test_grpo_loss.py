@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from argrpo.grpo import group_advantages, policy_loss
+from argrpo.loss import group_advantages, policy_loss
 
 LOG = math.log
 

@@ -1,5 +1,5 @@
 """The KV-cache sampler: its log-probs are the teacher-forced conditional policy's, its tokens equal the
-prefix-recomputing reference, guidance follows SPEC §3, and bad settings fail with their value."""
+prefix-recomputing reference, guidance follows LlamaGen's formula, and bad settings fail with their value."""
 
 import pytest
 import torch

@@ -201,7 +201,7 @@ def test_weights_config_validation():
     assert cfg.clip_model == "ViT-L-14" and cfg.hpsv2_weights == ""
     with pytest.raises(ConfigError, match="weights.gpt_preset must be one of"):
         load_section(WeightsConfig, {"gpt_preset": "GPT-Q"}, "weights")
-    with pytest.raises(ConfigError, match="weights.inception must be a path string"):
+    with pytest.raises(ConfigError, match="weights.inception must be a string, got None"):
         load_section(WeightsConfig, {"inception": None}, "weights")
     with pytest.raises(ConfigError, match="weights.inception_path is not a known parameter"):
         load_section(WeightsConfig, {"inception_path": "x"}, "weights")

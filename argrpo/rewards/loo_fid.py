@@ -1,4 +1,4 @@
-"""LOO-FID: a per-sample reward from a distribution-level metric (SPEC §6).
+"""LOO-FID: a per-sample reward from a distribution-level metric (docs/method.md, "LOO-FID").
 
 The metric is the diagonal Fréchet distance between moments (mu, std) and the reference moments:
     FID(mu, std) = ||mu_r - mu||^2 + ||std_r - std||^2.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from argrpo.config import require
+from argrpo.config import Bool, Float, Int, require
 from argrpo.features import FeatureExtractor
 
 LOO_FID_MODES = ("loo_batch", "ema_loo", "ema_scalar")
@@ -35,11 +35,11 @@ LOO_FID_MODES = ("loo_batch", "ema_loo", "ema_scalar")
 @dataclass(frozen=True)
 class LooFidConfig:
     mode: str = "ema_loo"
-    ema_beta: float = 0.99
-    debias: bool = False  # Adam-style: divide the EMA by the weight its updates have accumulated
-    bootstrap: bool = False  # start the EMA from the base model's generated statistics
-    bootstrap_batches: int = 4  # rollout batches generated for the bootstrap
-    eps: float = 1e-6
+    ema_beta: Float = 0.99
+    debias: Bool = False  # Adam-style: divide the EMA by the weight its updates have accumulated
+    bootstrap: Bool = False  # start the EMA from the base model's generated statistics
+    bootstrap_batches: Int = 4  # rollout batches generated for the bootstrap
+    eps: Float = 1e-6
 
     def __post_init__(self) -> None:
         require(self.mode in LOO_FID_MODES, "mode", f"must be one of {', '.join(LOO_FID_MODES)}", self.mode)
