@@ -303,10 +303,6 @@ class VAR(nn.Module):
         return ScaleCache(c.depth, batch, c.n_head, c.num_tokens, c.head_dim, p.dtype, p.device)
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 def guidance_ramp(cfg: float, scale: int, num_scales: int) -> float:
     """VAR's guidance strength t at scale k of K: cfg * k / (K - 1) (0 at the first scale, cfg at the last)."""
     return cfg * scale / (num_scales - 1)

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from argrpo.checkpoints import CheckpointError
 from argrpo.config import ConfigError
+from argrpo.gpt import count_parameters
 from argrpo.msvq import MSVQVAE, msvq_config
-from argrpo.var import count_parameters, load_msvq, save_state_dict
+from argrpo.var import load_msvq, save_state_dict
 
 # the key/shape listing of the published checkpoints (VAR-d16..d30 and vae_ch160v4096z32.pth)
 SHAPES = json.loads((Path(__file__).parent / "data" / "var_state_shapes.json").read_text())

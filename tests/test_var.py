@@ -11,13 +11,13 @@ from tiny_models import random_gpt
 
 from argrpo.checkpoints import CheckpointError, save_checkpoint
 from argrpo.config import ConfigError
+from argrpo.gpt import count_parameters
 from argrpo.grpo import group_advantages, policy_loss
 from argrpo.msvq import MSVQVAE, msvq_config
 from argrpo.sampling import SamplingConfig
 from argrpo.var import (
     VAR,
     VARPolicy,
-    count_parameters,
     guidance_ramp,
     guided_logits,
     load_var,
