@@ -25,6 +25,7 @@ REWARDS: dict[str, str] = {
     "clip": "argrpo.rewards.clip:ClipReward",
     "hpsv2": "argrpo.rewards.hpsv2:HpsV2Reward",
     "maniqa": "argrpo.rewards.maniqa:ManiqaReward",
+    "aesthetic": "argrpo.rewards.aesthetic:AestheticReward",
 }
 
 
