@@ -87,11 +87,11 @@ def sample_tokens(model: GPT, labels: torch.Tensor, cfg: SamplingConfig = Sampli
         cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)])
     cache = model.new_cache(cond.shape[0])
     logits = model.prefill(cond, cache)  # [N or 2N, V]
-    return decode_tokens(model, logits, cache, N, cfg, generator)
+    return sample_after_prefill(model, logits, cache, N, cfg, generator)
 
 
-def decode_tokens(model: GPT, logits: torch.Tensor, cache: KVCache, N: int, cfg: SamplingConfig,
-                  generator: torch.Generator | None) -> Sample:
+def sample_after_prefill(model: GPT, logits: torch.Tensor, cache: KVCache, N: int, cfg: SamplingConfig,
+                         generator: torch.Generator | None) -> Sample:
     """Draw all block_size tokens one at a time from a prefilled cache; `logits` [N or 2N, V] predict the first."""
     T = model.config.block_size
     tokens = torch.empty(N, T, dtype=torch.long, device=logits.device)
@@ -133,7 +133,7 @@ def sample_caption_tokens(model: GPT, captions: torch.Tensor, caption_mask: torc
         mask = None if caption_mask is None else torch.cat([caption_mask, caption_mask])
     cache = model.new_cache(cond.shape[0])
     logits = model.prefill(cond, cache, cond_mask=mask)  # [N or 2N, V]
-    return decode_tokens(model, logits, cache, N, cfg, generator)
+    return sample_after_prefill(model, logits, cache, N, cfg, generator)
 
 
 def caption_token_logprobs(model: GPT, captions: torch.Tensor, caption_mask: torch.Tensor | None,

@@ -35,7 +35,7 @@ import torch
 
 CAPTION_LENGTH = 120  # LlamaGen's t5_feature_max_len: caption positions of the T2I GPT
 FLAN_T5_XL_DIM = 2048
-FEATURE_DTYPES = {"float16": np.float16, "float32": np.float32}
+FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 # special tokens of the stand-in tokenizer, at T5's ids
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -150,8 +150,12 @@ class TextEncoder:
         return self.model.config.d_model
 
     @torch.no_grad()
-    def encode(self, prompts: Sequence[str], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
-        """features [P, max_length, dim] float32 and mask [P, max_length] bool (on CPU), left-padded."""
+    def encode(self, prompts: Sequence[str], batch_size: int = 32,
+               dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [P, max_length, dim] in `dtype` and mask [P, max_length] bool (on CPU), left-padded.
+
+        Each batch is cast to `dtype` as it is made, so a large prompt set is held once, in that dtype.
+        """
         if isinstance(prompts, str):
             raise TypeError("encode takes a sequence of prompts, not one string")
         if batch_size < 1:
@@ -165,10 +169,11 @@ class TextEncoder:
             ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
             hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state  # [b, L, D]
             padded, padded_mask = left_pad(hidden.float(), mask)
-            features.append(padded.cpu())
+            features.append(padded.to(dtype).cpu())
             masks.append(padded_mask.cpu())
         if not features:
-            return torch.zeros(0, self.max_length, self.dim), torch.zeros(0, self.max_length, dtype=torch.bool)
+            return (torch.zeros(0, self.max_length, self.dim, dtype=dtype),
+                    torch.zeros(0, self.max_length, dtype=torch.bool))
         return torch.cat(features), torch.cat(masks)
 
 
@@ -240,7 +245,7 @@ def stand_in_text_encoder(texts: Sequence[str], spec: StandInT5 = StandInT5(), m
     return TextEncoder(stand_in_t5(len(tokenizer), spec), tokenizer, max_length, clean=True, device=device)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PromptFeatures:
     """Cached caption features of a prompt set; row i belongs to condition id i."""
 
@@ -282,8 +287,8 @@ def save_prompt_features(path: str | Path, features: PromptFeatures, dtype: str 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, features=features.features.float().numpy().astype(FEATURE_DTYPES[dtype]),
-             mask=features.mask.numpy(), prompts=np.array(features.prompts, dtype=str))
+    np.savez(tmp, features=features.features.to(FEATURE_DTYPES[dtype]).numpy(), mask=features.mask.numpy(),
+             prompts=np.array(features.prompts, dtype=str))
     os.replace(tmp, path)
 
 
@@ -309,15 +314,18 @@ def load_prompt_features(path: str | Path, prompts: Sequence[str] | None = None)
 
 def compute_prompt_features(encoder: TextEncoder, prompts: Sequence[str], path: str | Path | None = None,
                             dtype: str = "float16", batch_size: int = 32) -> PromptFeatures:
-    """Encode `prompts` once (batched) and, with `path`, save them as an .npz in `dtype`."""
+    """Encode `prompts` once (batched) and, with `path`, save them as an .npz in `dtype`.
+
+    Size: P x L x D values, e.g. 30,000 COCO captions at 120 x 2048 take 14.7 GB in float16 (in memory
+    and on disk); the embedded digit prompts at 16 x 64 take under 1 MB.
+    """
     if not prompts:
         raise ValueError("prompts must not be empty")
     if dtype not in FEATURE_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(FEATURE_DTYPES)}, got {dtype!r}")
-    features, mask = encoder.encode(list(prompts), batch_size)
-    # round to the stored precision, so the returned features equal what a later load gives
-    stored = torch.from_numpy(features.numpy().astype(FEATURE_DTYPES[dtype]))
-    result = PromptFeatures(stored, mask, tuple(prompts))
+    # made in the stored precision, so the returned features equal what a later load gives
+    features, mask = encoder.encode(list(prompts), batch_size, FEATURE_DTYPES[dtype])
+    result = PromptFeatures(features, mask, tuple(prompts))
     if path is not None:
         save_prompt_features(path, result, dtype)
     return result

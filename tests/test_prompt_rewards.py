@@ -105,3 +105,17 @@ def test_hpsv2_scores_prompts_plain_and_quantized(tmp_path):
     torch.testing.assert_close(plain(x, conditions), expected, atol=1e-5, rtol=0)
     binned = QuantizedHpsV2Reward(str(path), prompts=PROMPTS, model_kwargs=SMALL)
     assert torch.equal(binned(x, conditions), quantize_scores(expected))
+
+
+def test_prompt_label_reward_scores_the_label_each_prompt_asks_for():
+    from argrpo.prompts import digit_prompts
+    from argrpo.rewards.prompt_label import PromptLabelReward
+
+    prompts = digit_prompts("train")
+    seen = []
+    reward = PromptLabelReward(lambda x, labels: seen.append(labels) or labels.float() * 10, prompts.labels)
+    conditions = torch.tensor([0, 1, 7, 479])  # "a handwritten zero", "... 0", "a handwritten 3", "a neat number 9"
+    scores = reward(images(4), conditions)
+    assert seen[0].tolist() == [0, 0, 3, 9] and scores.tolist() == [0.0, 0.0, 30.0, 90.0]
+    with pytest.raises(ValueError, match=r"condition ids must lie in \[0, 480\)"):
+        reward(images(1), torch.tensor([480]))

@@ -291,7 +291,7 @@ class VlmJudgeReward:
         answers = []
         for start in range(0, len(images), self.batch_size):
             inputs = self.judge_inputs(images[start : start + self.batch_size], texts[start : start + self.batch_size])
-            out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **self.generation_kwargs)
+            out = self.model.generate(**inputs, **{"max_new_tokens": self.max_new_tokens, **self.generation_kwargs})
             new = out[:, inputs["input_ids"].shape[1]:]  # left padding: every answer starts here
             answers += self.processor.batch_decode(new, skip_special_tokens=True)
         return answers
