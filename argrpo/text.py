@@ -222,27 +222,27 @@ class StandInT5:
     seed: int = 0
 
 
-def stand_in_t5(vocab_size: int, spec: StandInT5 = StandInT5()):
-    """A randomly initialised `T5EncoderModel` of `spec`, the same for the same seed and transformers
+def stand_in_t5(vocab_size: int, shape: StandInT5 = StandInT5()):
+    """A randomly initialised `T5EncoderModel` of `shape`, the same for the same seed and transformers
     version. The global random state is left untouched."""
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config(vocab_size=vocab_size, d_model=spec.d_model, d_kv=spec.d_kv, d_ff=spec.d_ff,
-                      num_layers=spec.num_layers, num_heads=spec.num_heads, feed_forward_proj="gated-gelu",
+    config = T5Config(vocab_size=vocab_size, d_model=shape.d_model, d_kv=shape.d_kv, d_ff=shape.d_ff,
+                      num_layers=shape.num_layers, num_heads=shape.num_heads, feed_forward_proj="gated-gelu",
                       dropout_rate=0.0, is_encoder_decoder=False, use_cache=False, pad_token_id=0,
                       eos_token_id=1)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(spec.seed)
+        torch.manual_seed(shape.seed)
         return T5EncoderModel(config).eval()
 
 
-def stand_in_text_encoder(texts: Sequence[str], spec: StandInT5 = StandInT5(), max_length: int = CAPTION_LENGTH,
+def stand_in_text_encoder(texts: Sequence[str], shape: StandInT5 = StandInT5(), max_length: int = CAPTION_LENGTH,
                           device: str | torch.device = "cpu") -> TextEncoder:
     """The embedded default's text encoder: `caption_tokenizer(texts)` and `stand_in_t5` (a stand-in for
     FLAN-T5; see the module docstring). `texts` should hold every prompt it will encode (train and eval),
     or unseen words become `<unk>`."""
     tokenizer = caption_tokenizer(texts)
-    return TextEncoder(stand_in_t5(len(tokenizer), spec), tokenizer, max_length, clean=True, device=device)
+    return TextEncoder(stand_in_t5(len(tokenizer), shape), tokenizer, max_length, clean=True, device=device)
 
 
 @dataclass(frozen=True, eq=False)
