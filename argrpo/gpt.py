@@ -1,9 +1,18 @@
-"""The class-conditional LlamaGen GPT ("c2i"): a Llama-style decoder over VQ image tokens.
+"""The LlamaGen GPT: a Llama-style decoder over VQ image tokens, class- ("c2i") or text-conditional ("t2i").
 
 Same module names, shapes and maths as LlamaGen, so checkpoints load both ways: pre-norm RMSNorm in
-float32, SwiGLU feed-forward, no biases, 2D rotary embedding with interleaved pairs and zeroed class
-rows, a separate output head, and a class table with one extra (null) row for classifier-free
-guidance. Any square token grid works with the same weights (256 tokens at 256 px, 576 at 384 px).
+float32, SwiGLU feed-forward, no biases, 2D rotary embedding with interleaved pairs and zeroed
+condition rows, a separate output head. Any square token grid works with the same weights (256
+tokens at 256 px, 576 at 384 px).
+
+The two variants differ only in the condition prefix:
+- c2i: one class token from a class table with an extra (null) row for classifier-free guidance.
+- t2i: `cls_token_num` (120) caption positions. Text-encoder features (FLAN-T5-XL, 2048-d) are
+  left-padded (valid tokens at the end, zeros before) and projected by a bias-free MLP
+  (`cap_proj.fc1` -> GELU(tanh) -> `cap_proj.fc2`). The buffer `uncond_embedding` [120, 2048] is the
+  unconditional caption (guidance, caption dropout); it keeps the caption's mask, as in LlamaGen's
+  training and sampling. Padded caption positions are masked as keys in every attention (a padded
+  query sees only itself, so no row is empty); the rotary rows of all caption positions are zero.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from argrpo.config import ConfigError, require
+
+MODEL_TYPES = ("c2i", "t2i")
 
 
 @dataclass(frozen=True)
@@ -31,7 +42,9 @@ class GPTConfig:
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     multiple_of: int = 256  # SwiGLU hidden size is rounded up to this
-    class_dropout_prob: float = 0.1
+    class_dropout_prob: float = 0.1  # c2i: label dropout; t2i: caption dropout
+    model_type: str = "c2i"  # c2i: class-conditional; t2i: conditioned on caption features
+    caption_dim: int = 2048  # t2i: width of the text features (FLAN-T5-XL)
 
     def __post_init__(self) -> None:
         require(self.dim > 0 and self.n_layer > 0 and self.n_head > 0, "dim/n_layer/n_head", "must be > 0",
@@ -44,6 +57,14 @@ class GPTConfig:
         require(self.num_classes > 0, "num_classes", "must be > 0", self.num_classes)
         require(0.0 <= self.class_dropout_prob < 1.0, "class_dropout_prob", "must be in [0, 1)",
                 self.class_dropout_prob)
+        require(self.model_type in MODEL_TYPES, "model_type", f"must be one of {', '.join(MODEL_TYPES)}",
+                self.model_type)
+        if self.model_type == "c2i":
+            require(self.cls_token_num == 1, "cls_token_num", "must be 1 for a class-conditional model",
+                    self.cls_token_num)
+        else:
+            require(self.cls_token_num >= 1, "cls_token_num", "must be >= 1 caption positions", self.cls_token_num)
+            require(self.caption_dim > 0, "caption_dim", "must be > 0", self.caption_dim)
 
     @property
     def head_dim(self) -> int:
@@ -75,11 +96,21 @@ GPT_PRESETS: dict[str, dict] = {
 }
 
 
+# what LlamaGen's text-to-image models add to a preset: 120 caption positions of FLAN-T5-XL features
+T2I_DEFAULTS: dict = dict(cls_token_num=120, caption_dim=2048)
+
+
 def gpt_config(preset: str, **overrides) -> GPTConfig:
-    """The named preset's config with `overrides` (vocab_size, num_classes, block_size, ...)."""
+    """The named preset's config with `overrides` (vocab_size, num_classes, block_size, ...).
+
+    `model_type="t2i"` gives LlamaGen's text-to-image model of that size (`T2I_DEFAULTS`: 120 caption
+    positions, 2048-d captions, unless overridden): GPT-B / L / XL t2i have 112,282,368 / 345,031,680 /
+    777,678,080 parameters.
+    """
     if preset not in GPT_PRESETS:
         raise ConfigError(f"unknown GPT preset {preset!r}; valid presets: {', '.join(GPT_PRESETS)}")
-    return GPTConfig(**{**GPT_PRESETS[preset], **overrides})
+    t2i = T2I_DEFAULTS if overrides.get("model_type") == "t2i" else {}
+    return GPTConfig(**{**GPT_PRESETS[preset], **t2i, **overrides})
 
 
 class RMSNorm(nn.Module):
@@ -114,6 +145,9 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layer)]
         self.length = 0  # positions filled so far
+        # [batch, max_len] bool: which positions may be attended to (False on padded caption tokens);
+        # None: every position (class-conditional, or captions without padding)
+        self.valid: torch.Tensor | None = None
 
 
 def apply_rotary(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -149,7 +183,10 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(config.dim, qkv, bias=False)
         self.wo = nn.Linear(config.dim, config.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: KVCache | None, layer: int,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`key_mask` [B, 1, L, S] bool (True: attend), built by `attention_mask`, replaces the causal rule
+        when captions are padded; S is the number of positions in the cache after this chunk (or L)."""
         B, L, _ = x.shape
         q_size, kv_size = self.n_head * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -165,6 +202,8 @@ class Attention(nn.Module):
             causal = start == 0 and L > 1
             if start > 0 and L > 1:  # a chunk after a prefix: each new position sees the prefix and itself
                 mask = torch.ones(L, start + L, dtype=torch.bool, device=x.device).tril(diagonal=start)
+        if key_mask is not None:
+            mask, causal = key_mask, False
         if self.kv_heads != self.n_head:
             k = k.repeat_interleave(self.n_head // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.n_head // self.kv_heads, dim=1)
@@ -180,8 +219,9 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
 
-    def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: KVCache | None, layer: int) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, cache, layer)
+    def forward(self, x: torch.Tensor, freqs: torch.Tensor, cache: KVCache | None, layer: int,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, cache, layer, key_mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -200,11 +240,60 @@ class LabelEmbedder(nn.Module):
         return self.embedding_table(labels)
 
 
+class CaptionMLP(nn.Module):
+    """LlamaGen's caption projection: Linear -> GELU(tanh) -> Linear, no biases (keys fc1, fc2)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim, bias=False)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CaptionEmbedder(nn.Module):
+    """Caption features [B, T, caption_dim] -> embeddings [B, T, dim]; `uncond_embedding` is the null caption.
+
+    `uncond_embedding` is a persistent buffer (it is in LlamaGen's checkpoints but is no parameter),
+    initialised as LlamaGen does: N(0, 1) / sqrt(caption_dim).
+    """
+
+    def __init__(self, caption_dim: int, dim: int, dropout_prob: float, token_num: int):
+        super().__init__()
+        self.dropout_prob = dropout_prob
+        self.cap_proj = CaptionMLP(caption_dim, dim)
+        self.register_buffer("uncond_embedding", torch.randn(token_num, caption_dim) / caption_dim**0.5)
+
+    def forward(self, captions: torch.Tensor, drop: bool = False) -> torch.Tensor:
+        if drop and self.dropout_prob > 0:
+            rows = torch.rand(captions.shape[0], device=captions.device) < self.dropout_prob
+            captions = torch.where(rows[:, None, None], self.uncond_embedding.to(captions.dtype), captions)
+        return self.cap_proj(captions.to(self.cap_proj.fc1.weight.dtype))
+
+
+def attention_mask(valid: torch.Tensor, start: int) -> torch.Tensor:
+    """Which keys each new query may attend to: [B, 1, L, S] bool from key validity `valid` [B, S].
+
+    The new queries are positions start..S-1. Query i sees key j when j <= i and key j is valid, and
+    always itself, so a padded caption position (which nothing else sees) never has an empty row.
+    """
+    S = valid.shape[1]
+    query = torch.arange(start, S, device=valid.device)[:, None]  # [L, 1]
+    key = torch.arange(S, device=valid.device)[None]  # [1, S]
+    return ((key <= query) & (valid[:, None, :] | (key == query)))[:, None]
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
-        self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
+        if config.model_type == "t2i":
+            self.cls_embedding = CaptionEmbedder(config.caption_dim, config.dim, config.class_dropout_prob,
+                                                 config.cls_token_num)
+        else:
+            self.cls_embedding = LabelEmbedder(config.num_classes, config.dim, config.class_dropout_prob)
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
         self.layers = nn.ModuleList(TransformerBlock(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.dim, config.norm_eps)
@@ -225,30 +314,78 @@ class GPT(nn.Module):
             bad = labels[(labels < 0) | (labels >= top)][0].item()
             raise ValueError(f"class id {bad} out of range [0, {top - 1}]")
 
+    def check_captions(self, captions: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Captions must be [B, cls_token_num, caption_dim] with a bool mask [B, cls_token_num] (or None)."""
+        c = self.config
+        if c.model_type != "t2i":
+            raise ValueError("captions condition a t2i model; this GPT is class-conditional (model_type c2i)")
+        if captions.ndim != 3 or tuple(captions.shape[1:]) != (c.cls_token_num, c.caption_dim):
+            raise ValueError(f"captions must be [B, {c.cls_token_num}, {c.caption_dim}], got {tuple(captions.shape)}")
+        if mask is not None and (mask.dtype != torch.bool or tuple(mask.shape) != tuple(captions.shape[:2])):
+            raise ValueError(f"caption mask must be bool {tuple(captions.shape[:2])}, got {mask.dtype} "
+                             f"{tuple(mask.shape)}")
+
+    def embed_condition(self, cond: torch.Tensor, drop: bool = False) -> torch.Tensor:
+        """The condition prefix [B, cls_token_num, dim]: class labels [B] (c2i) or caption features (t2i)."""
+        if self.config.model_type == "t2i":
+            return self.cls_embedding(cond, drop)
+        return self.cls_embedding(cond, drop)[:, None]
+
+    def null_condition(self, batch: int) -> torch.Tensor:
+        """The unconditional branch's condition: the null class [batch] (c2i) or the null caption
+        [batch, cls_token_num, caption_dim] (t2i)."""
+        if self.config.model_type == "t2i":
+            null = self.cls_embedding.uncond_embedding
+            return null[None].expand(batch, -1, -1)
+        return torch.full((batch,), self.config.num_classes, dtype=torch.long, device=self.output.weight.device)
+
     def forward(self, idx: torch.Tensor, cond_idx: torch.Tensor, cache: KVCache | None = None,
-                drop_labels: bool = False) -> torch.Tensor:
-        """Teacher-forced logits. idx: [B, L] image tokens (L < block_size); cond_idx: [B].
+                drop_labels: bool = False, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits. idx: [B, L] image tokens (L < block_size); cond_idx: the condition,
+        class labels [B] (c2i) or left-padded caption features [B, cls_token_num, caption_dim] (t2i) with
+        `cond_mask` [B, cls_token_num] bool, True on valid caption tokens (None: all valid).
 
-        Returns logits [B, L + cls_token_num, V] in float32; position j (after the class token)
-        predicts image token j. `drop_labels` replaces labels by the null class with
-        `class_dropout_prob` (pretraining only: it is explicit so that RL updates in train mode
-        never drop the label by accident).
+        Returns logits [B, L + cls_token_num, V] in float32; position cls_token_num - 1 + j predicts
+        image token j. `drop_labels` replaces labels by the null class (captions by the null caption)
+        with `class_dropout_prob` (pretraining only: it is explicit so that RL updates in train mode
+        never drop the condition by accident).
         """
-        x = torch.cat([self.cls_embedding(cond_idx, drop_labels)[:, None], self.tok_embeddings(idx)], dim=1)
+        x = torch.cat([self.embed_condition(cond_idx, drop_labels), self.tok_embeddings(idx)], dim=1)
         start = 0 if cache is None else cache.length
-        return self._run(x, start, cache)
+        valid = None
+        if cond_mask is not None:
+            if cache is None:
+                valid = torch.cat([cond_mask, cond_mask.new_ones(idx.shape)], dim=1)  # [B, cls + L]
+            else:
+                self._mask_cache(cache, cond_mask)
+        return self._run(x, start, cache, valid)
 
-    def _run(self, x: torch.Tensor, start: int, cache: KVCache | None) -> torch.Tensor:
+    def _mask_cache(self, cache: KVCache, cond_mask: torch.Tensor) -> None:
+        """Record which caption positions of a fresh cache are padding, for every later step."""
+        if cache.length != 0:
+            raise ValueError(f"a caption mask must come with the first chunk; the cache holds {cache.length} positions")
+        valid = torch.ones(cond_mask.shape[0], cache.k[0].shape[2], dtype=torch.bool, device=cond_mask.device)
+        valid[:, : cond_mask.shape[1]] = cond_mask
+        cache.valid = valid
+
+    def _run(self, x: torch.Tensor, start: int, cache: KVCache | None,
+             valid: torch.Tensor | None = None) -> torch.Tensor:
         freqs = self.freqs_cis[start : start + x.shape[1]]
+        if cache is not None and cache.valid is not None:
+            valid = cache.valid[:, : start + x.shape[1]]
+        key_mask = None if valid is None else attention_mask(valid, start)  # [B, 1, L, S]
         for i, layer in enumerate(self.layers):
-            x = layer(x, freqs, cache, i)
+            x = layer(x, freqs, cache, i, key_mask)
         if cache is not None:
             cache.length += x.shape[1]
         return self.output(self.norm(x)).float()
 
-    def prefill(self, cond_idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Class token into an empty cache; logits of the first image token [B, V]."""
-        return self._run(self.cls_embedding(cond_idx)[:, None], 0, cache)[:, -1]
+    def prefill(self, cond_idx: torch.Tensor, cache: KVCache, cond_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The condition (class token, or captions with their mask) into an empty cache; logits of the
+        first image token [B, V]."""
+        if cond_mask is not None:
+            self._mask_cache(cache, cond_mask)
+        return self._run(self.embed_condition(cond_idx), 0, cache)[:, -1]
 
     def decode_one(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One image token [B] into the cache; logits of the next one [B, V]."""

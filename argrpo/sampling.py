@@ -3,6 +3,9 @@
 The policy GRPO trains is the *conditional* model: `sample_tokens` returns the log-probability of
 each sampled token under softmax(conditional logits / temperature), whatever guidance, top-k or top-p
 shaped the sampling distribution, and `token_logprobs` recomputes exactly that with gradients.
+`sample_caption_tokens` and `caption_token_logprobs` are the same pair for text-to-image models,
+conditioned on left-padded caption features and their mask; their unconditional branch is the null
+caption under the caption's own mask, as LlamaGen samples.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from argrpo.config import Float, Int, require
-from argrpo.gpt import GPT
+from argrpo.gpt import GPT, KVCache
 
 
 @dataclass(frozen=True)
@@ -79,14 +82,21 @@ def sample_tokens(model: GPT, labels: torch.Tensor, cfg: SamplingConfig = Sampli
                   generator: torch.Generator | None = None) -> Sample:
     """Sample image tokens for `labels` [N] in one batched call with one KV cache."""
     model.check_labels(labels)
-    N, T = labels.shape[0], model.config.block_size
+    N = labels.shape[0]
     cond = labels
     if cfg.guided:  # [cond; null] share one batch and every sampled token
         cond = torch.cat([labels, torch.full_like(labels, model.config.num_classes)])
     cache = model.new_cache(cond.shape[0])
     logits = model.prefill(cond, cache)  # [N or 2N, V]
-    tokens = torch.empty(N, T, dtype=torch.long, device=labels.device)
-    logprobs = torch.empty(N, T, dtype=torch.float32, device=labels.device)
+    return sample_after_prefill(model, logits, cache, N, cfg, generator)
+
+
+def sample_after_prefill(model: GPT, logits: torch.Tensor, cache: KVCache, N: int, cfg: SamplingConfig,
+                         generator: torch.Generator | None) -> Sample:
+    """Draw all block_size tokens one at a time from a prefilled cache; `logits` [N or 2N, V] predict the first."""
+    T = model.config.block_size
+    tokens = torch.empty(N, T, dtype=torch.long, device=logits.device)
+    logprobs = torch.empty(N, T, dtype=torch.float32, device=logits.device)
     for t in range(T):
         tokens[:, t], logprobs[:, t] = next_token(logits, N, t, cfg, generator)
         if t + 1 < T:
@@ -95,14 +105,44 @@ def sample_tokens(model: GPT, labels: torch.Tensor, cfg: SamplingConfig = Sampli
     return Sample(tokens, logprobs)
 
 
-def token_logprobs(model: GPT, labels: torch.Tensor, tokens: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the conditional policy."""
-    logits = model(tokens[:, :-1], labels)[:, -tokens.shape[1]:] / temperature  # [N, T, V]
+def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of `tokens` [N, T] and entropies [N, T] under logits [N, T, V]."""
     logp = logits.log_softmax(-1)
     chosen = logp.gather(-1, tokens[..., None])[..., 0]
     entropy = -(logp.exp() * logp).sum(-1)
     return chosen, entropy
+
+
+def token_logprobs(model: GPT, labels: torch.Tensor, tokens: torch.Tensor,
+                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the conditional policy."""
+    logits = model(tokens[:, :-1], labels)[:, -tokens.shape[1]:] / temperature  # [N, T, V]
+    return chosen_logprobs(logits, tokens)
+
+
+@torch.no_grad()
+def sample_caption_tokens(model: GPT, captions: torch.Tensor, caption_mask: torch.Tensor | None,
+                          cfg: SamplingConfig = SamplingConfig(),
+                          generator: torch.Generator | None = None) -> Sample:
+    """Sample image tokens for left-padded captions [N, cls_token_num, caption_dim] (mask [N, cls_token_num]
+    bool, True on valid tokens) in one batched call with one KV cache (text-to-image models)."""
+    model.check_captions(captions, caption_mask)
+    N = captions.shape[0]
+    cond, mask = captions, caption_mask
+    if cfg.guided:  # [cond; null caption] share one batch and every sampled token
+        cond = torch.cat([captions, model.null_condition(N).to(captions)])
+        mask = None if caption_mask is None else torch.cat([caption_mask, caption_mask])
+    cache = model.new_cache(cond.shape[0])
+    logits = model.prefill(cond, cache, cond_mask=mask)  # [N or 2N, V]
+    return sample_after_prefill(model, logits, cache, N, cfg, generator)
+
+
+def caption_token_logprobs(model: GPT, captions: torch.Tensor, caption_mask: torch.Tensor | None,
+                           tokens: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the caption-conditional policy."""
+    model.check_captions(captions, caption_mask)
+    logits = model(tokens[:, :-1], captions, cond_mask=caption_mask)[:, -tokens.shape[1]:] / temperature
+    return chosen_logprobs(logits, tokens)  # logits: [N, T, V]
 
 
 @torch.no_grad()

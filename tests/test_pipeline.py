@@ -94,8 +94,9 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     # sweeps: two queued experiments run in copies through the DVC queue and report to the same store
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "results"], repo, env)
-    for name, steps in (("fewer-steps", 2), ("more-steps", 4)):
-        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", f"grpo.steps={steps}"], repo, env)
+    # the most common sweep writes a float in exponent form (`lr: 5e-05`), which YAML reads as a string
+    for name, setting in (("fewer-steps", "grpo.steps=2"), ("lower-lr", "grpo.lr=5e-5")):
+        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", setting], repo, env)
     run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], repo, env)
     for _ in range(240):  # the worker runs in the background: poll its status, bounded
         status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, env).stdout
@@ -104,9 +105,11 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         time.sleep(5)
     assert "Failed" not in status and status.count("Success") == 2, status
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], repo, env).stdout
-    assert "fewer-steps" in shown and "more-steps" in shown
+    assert "fewer-steps" in shown and "lower-lr" in shown
     runs = mlflow.search_runs(experiment_names=["argrpo"])
     names = set(runs["tags.dvc_exp_name"].dropna())
-    assert {"fewer-steps", "more-steps"} <= names, names
-    queued = runs[runs["tags.dvc_exp_name"].isin(["fewer-steps", "more-steps"]) & (runs["tags.stage"] == "grpo")]
+    assert {"fewer-steps", "lower-lr"} <= names, names
+    queued = runs[runs["tags.dvc_exp_name"].isin(["fewer-steps", "lower-lr"]) & (runs["tags.stage"] == "grpo")]
     assert len(queued) == 4  # two GRPO variants per experiment
+    lower = queued[queued["tags.dvc_exp_name"] == "lower-lr"]
+    assert set(lower["metrics.optim.lr"]) == {5e-5}, lower["metrics.optim.lr"]  # the run trained at that lr

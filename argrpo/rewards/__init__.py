@@ -1,10 +1,11 @@
 """Reward registry.
 
-A reward scores decoded images for their requested classes:
-    reward(images, labels) -> scores
-with `images` [N, 3, H, W] float in [-1, 1], `labels` [N] long, `scores` [N] float32 (higher is
-better). Rewards are looked up by name and imported lazily, so optional dependencies (pyiqa for
-MANIQA) are imported only when that reward is configured.
+A reward scores decoded images for their conditions:
+    reward(images, conditions) -> scores
+with `images` [N, 3, H, W] float in [-1, 1], `conditions` [N] long (class labels, or indices into a
+prompt set), `scores` [N] float32 (higher is better; NaN where a judge could not score an image).
+Rewards are looked up by name and imported lazily, so optional dependencies (pyiqa for MANIQA,
+transformers' vision-language models for the judges) are imported only when that reward is configured.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ REWARDS: dict[str, str] = {
     "classifier": "argrpo.rewards.classifier:ClassifierReward",
     "loo_fid": "argrpo.rewards.loo_fid:LooFidReward",
     "clip": "argrpo.rewards.clip:ClipReward",
+    "clip_quantized": "argrpo.rewards.clip:QuantizedClipReward",
     "hpsv2": "argrpo.rewards.hpsv2:HpsV2Reward",
+    "hpsv2_quantized": "argrpo.rewards.hpsv2:QuantizedHpsV2Reward",
     "maniqa": "argrpo.rewards.maniqa:ManiqaReward",
     "aesthetic": "argrpo.rewards.aesthetic:AestheticReward",
+    "vlm_judge": "argrpo.rewards.vlm_judge:VlmJudgeReward",
 }
 
 

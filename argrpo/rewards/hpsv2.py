@@ -1,4 +1,5 @@
-"""HPSv2 / HPSv2.1 reward: human-preference score of an image for its class prompt.
+"""HPSv2 / HPSv2.1 reward: human-preference score of an image for its prompt (a class prompt or a
+prompt set's prompt; see `ClipReward`, whose `scale` / `quantize` output forms it shares).
 
 HPSv2 is an open_clip `ViT-H-14` fine-tuned on human preference pairs; its score is the cosine
 similarity of the image and prompt features (no logit scale). The released checkpoint
@@ -16,7 +17,7 @@ from typing import Any
 import torch
 
 from argrpo.imagenet import DEFAULT_TEMPLATE
-from argrpo.rewards.clip import ClipReward, build_open_clip
+from argrpo.rewards.clip import ClipReward, build_open_clip, condition_prompts
 
 
 def load_hps_state_dict(path: str) -> dict[str, torch.Tensor]:
@@ -57,20 +58,35 @@ def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], sou
 
 
 class HpsV2Reward(ClipReward):
-    """reward(images [N, 3, H, W] in [-1, 1], labels [N]) -> HPS score of (image, class prompt) [N]."""
+    """reward(images [N, 3, H, W] in [-1, 1], conditions [N]) -> HPS score of (image, prompt of condition) [N].
+
+    Prompts: `class_names` with `template`, or `prompts` (one per condition id); output `scale` x score,
+    or AR-GRPO's binned score with `quantize` (the same bins as CLIP's).
+    """
 
     def __init__(
         self,
         weights: str,
-        class_names: Sequence[str],
+        class_names: Sequence[str] | None = None,
         model_name: str = "ViT-H-14",
         template: str = DEFAULT_TEMPLATE,
         device: str | torch.device = "cpu",
         batch_size: int = 64,
         model_kwargs: dict[str, Any] | None = None,
+        prompts: Sequence[str] | None = None,
+        quantize: bool = False,
+        scale: float = 1.0,
     ):
+        texts = condition_prompts(class_names, template, prompts)
         state_dict = load_hps_state_dict(weights)
         # build the bare architecture: the HPS file replaces every weight, so no base CLIP is needed
         model = build_open_clip(model_name, None, model_kwargs)
         load_strict(model, state_dict, f"HPSv2 checkpoint {weights} (open_clip {model_name})")
-        self._setup(model, model_name, class_names, template, device, batch_size)
+        self._setup(model, model_name, texts, device, batch_size, quantize, scale)
+
+
+class QuantizedHpsV2Reward(HpsV2Reward):
+    """AR-GRPO's quantised HPSv2 reward: `HpsV2Reward` with `quantize=True`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "quantize": True})
