@@ -92,9 +92,9 @@ class LlamaGenPolicy(Policy):
         self.num_tokens = gpt.config.block_size
         self.vocab_size = gpt.config.vocab_size
 
-    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs(self.net, conditions, tokens, temperature)
+    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                drop_conditions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.net, conditions, tokens, temperature, drop_labels=drop_conditions)
 
     @torch.no_grad()
     def rollout(self, conditions: torch.Tensor, sampling: SamplingConfig,
@@ -144,6 +144,6 @@ def generate_sharded(policy: Policy, conditions: torch.Tensor, sampling: Samplin
 
 def forward_passes_per_image(sampling: SamplingConfig, block_size: int) -> float:
     """Model forward passes (sequence rows) spent per image: CFG doubles the guided steps."""
-    guided = block_size if sampling.cfg_interval < 0 else min(block_size, sampling.cfg_interval + 1)
+    guided = block_size if sampling.cfg_interval < 0 else min(block_size, sampling.cfg_interval + 2)
     # once the batch is doubled it stays doubled for the whole call (one shared KV cache)
     return float(2 * block_size) if sampling.guided and guided > 0 else float(block_size)

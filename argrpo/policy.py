@@ -45,10 +45,14 @@ class Policy(nn.Module, ABC):
         object.__setattr__(self, "tokenizer", tokenizer)
 
     @abstractmethod
-    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                drop_conditions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probs and entropies [N, L] (float32) of `tokens` [N, L] under the conditional
-        policy at `temperature`, with gradients: exactly what `rollout` returned as `logprobs`."""
+        policy at `temperature`, with gradients: exactly what `rollout` returned as `logprobs`.
+
+        `drop_conditions` replaces each condition by the null one with the network's conditioning-dropout
+        probability (pretraining's dropout; the LOO-FID paper keeps it on in its ratio passes).
+        """
 
     @abstractmethod
     def rollout(self, conditions: torch.Tensor, sampling, generator: torch.Generator | None = None) -> Rollout:

@@ -21,7 +21,7 @@ from argrpo.gpt import GPT, KVCache
 @dataclass(frozen=True)
 class SamplingConfig:
     cfg_scale: Float = 1.0  # <= 1: a single conditional branch, no doubled batch
-    cfg_interval: Int = -1  # guide tokens 0..cfg_interval only; -1: every token
+    cfg_interval: Int = -1  # LlamaGen's meaning: guide tokens 0..cfg_interval + 1 only; -1: every token
     temperature: Float = 1.0
     top_k: Int = 0  # 0: off
     top_p: Float = 1.0
@@ -70,7 +70,8 @@ def next_token(logits: torch.Tensor, N: int, t: int, cfg: SamplingConfig,
     """Token t from logits [N or 2N, V] ([cond; null] when guided) and its conditional log-prob, both [N]."""
     cond_logits = logits[:N] / cfg.temperature
     guided = cond_logits
-    if cfg.guided and (cfg.cfg_interval < 0 or t <= cfg.cfg_interval):
+    # LlamaGen guides the prefilled first token and then decode steps i <= cfg_interval: tokens 0..k + 1
+    if cfg.guided and (cfg.cfg_interval < 0 or t <= cfg.cfg_interval + 1):
         uncond = logits[N:] / cfg.temperature
         guided = uncond + (cond_logits - uncond) * cfg.cfg_scale
     token = draw(filter_logits(guided, cfg.top_k, cfg.top_p).softmax(-1), generator)
@@ -113,10 +114,11 @@ def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.T
     return chosen, entropy
 
 
-def token_logprobs(model: GPT, labels: torch.Tensor, tokens: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the conditional policy."""
-    logits = model(tokens[:, :-1], labels)[:, -tokens.shape[1]:] / temperature  # [N, T, V]
+def token_logprobs(model: GPT, labels: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   drop_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the conditional policy
+    (`drop_labels`: each label replaced by the null class with the model's class-dropout probability)."""
+    logits = model(tokens[:, :-1], labels, drop_labels=drop_labels)[:, -tokens.shape[1]:] / temperature
     return chosen_logprobs(logits, tokens)
 
 
@@ -138,10 +140,13 @@ def sample_caption_tokens(model: GPT, captions: torch.Tensor, caption_mask: torc
 
 
 def caption_token_logprobs(model: GPT, captions: torch.Tensor, caption_mask: torch.Tensor | None,
-                           tokens: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the caption-conditional policy."""
+                           tokens: torch.Tensor, temperature: float = 1.0,
+                           drop_captions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the caption-conditional policy
+    (`drop_captions`: each caption replaced by the null caption with the model's dropout probability)."""
     model.check_captions(captions, caption_mask)
-    logits = model(tokens[:, :-1], captions, cond_mask=caption_mask)[:, -tokens.shape[1]:] / temperature
+    logits = model(tokens[:, :-1], captions, cond_mask=caption_mask, drop_labels=drop_captions)
+    logits = logits[:, -tokens.shape[1]:] / temperature
     return chosen_logprobs(logits, tokens)  # logits: [N, T, V]
 
 

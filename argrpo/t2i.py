@@ -48,10 +48,10 @@ class LlamaGenT2IPolicy(Policy):
         self.check_conditions(conditions)
         return self.prompt_features.lookup(conditions, self.device)
 
-    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                drop_conditions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         features, mask = self.captions(conditions)
-        return caption_token_logprobs(self.net, features, mask, tokens, temperature)
+        return caption_token_logprobs(self.net, features, mask, tokens, temperature, drop_captions=drop_conditions)
 
     @torch.no_grad()
     def rollout(self, conditions: torch.Tensor, sampling: SamplingConfig,

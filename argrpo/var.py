@@ -401,11 +401,12 @@ def sample_scales_nocache(net: VAR, quantizer: MultiScaleQuantizer, labels: torc
 
 
 def token_logprobs(net: VAR, tokenizer: MSVQVAE, labels: torch.Tensor, tokens: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs and entropies [N, L] of `tokens` [N, L] under the conditional policy."""
+                   temperature: float = 1.0, drop_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, L] of `tokens` [N, L] under the conditional policy
+    (`drop_labels`: each label replaced by the null class with the network's cond-dropout rate)."""
     with torch.no_grad():  # the tokenizer is frozen: its features are data, not parameters
         inputs = tokenizer.var_input(tokens)  # [N, L - first_l, Cvae]
-    logp = (net(labels, inputs) / temperature).log_softmax(-1)  # [N, L, V]
+    logp = (net(labels, inputs, drop_labels=drop_labels) / temperature).log_softmax(-1)  # [N, L, V]
     chosen = logp.gather(-1, tokens[..., None])[..., 0]
     entropy = -(logp.exp() * logp).sum(-1)
     return chosen, entropy
@@ -468,9 +469,10 @@ class VARPolicy(Policy):
         self.check_conditions(conditions)
         return self.condition_classes[conditions]
 
-    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs(self.net, self.tokenizer, self.labels(conditions), tokens, temperature)
+    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                drop_conditions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.net, self.tokenizer, self.labels(conditions), tokens, temperature,
+                              drop_labels=drop_conditions)
 
     @torch.no_grad()
     def rollout(self, conditions: torch.Tensor, sampling: SamplingConfig,

@@ -80,8 +80,8 @@ def test_a_nan_feature_skips_that_step_and_moves_no_weight(tmp_path):
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path):
     class Exploding(TablePolicy):
-        def forward(self, conditions, tokens, temperature=1.0):
-            logp, entropy = super().forward(conditions, tokens, temperature)
+        def forward(self, conditions, tokens, temperature=1.0, drop_conditions=False):
+            logp, entropy = super().forward(conditions, tokens, temperature, drop_conditions)
             return logp * float("inf") if self.training_calls_poisoned else logp, entropy
 
     policy = Exploding()
