@@ -49,6 +49,7 @@ PIPELINE_TAG = "argrpo.pipeline"
 NAME_TAG = "argrpo.name"  # the name the stage gave, before the suffix that makes it unique
 CHILD_TAG = "argrpo.child"  # set on runs opened with StageRun.child
 HOST_TAG, PID_TAG, PID_START_TAG = "argrpo.host", "argrpo.pid", "argrpo.pid_start"
+PID_NS_TAG, BOOT_TAG = "argrpo.pid_namespace", "argrpo.boot_id"
 ATTEMPTS_TAG = "argrpo.attempts"
 EVAL_METRICS = ("fid", "is", "precision", "recall", "class_accuracy")
 STORE_LOCK_TIMEOUT_S = 600.0
@@ -97,9 +98,6 @@ def git_revision() -> str:
     return _git("rev-parse", "HEAD") or "unknown"
 
 
-# ---------------------------------------------------------------- processes: who owns a run, is it alive
-
-
 def _process(pid: int) -> tuple[int, str, str] | None:
     """(parent pid, command line, start time) of a process, from /proc; None where unavailable."""
     try:
@@ -115,11 +113,25 @@ def host_name() -> str:
     return os.uname().nodename
 
 
+def _machine() -> dict[str, str]:
+    """Which processes this one can see: its pid namespace (a container has its own) and the boot."""
+    try:
+        namespace = os.readlink("/proc/self/ns/pid")
+    except OSError:
+        namespace = ""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        boot = ""
+    return {HOST_TAG: host_name(), PID_NS_TAG: namespace, BOOT_TAG: boot}
+
+
 def owner_tags(pid: int | None = None) -> dict[str, str]:
-    """Tags naming the process that owns a run: host, pid and the process's start time (pids are reused)."""
+    """Tags naming the process that owns a run: machine, pid namespace, boot, pid and the process's start
+    time (pids are reused)."""
     pid = pid or os.getpid()
     info = _process(pid)
-    return {HOST_TAG: host_name(), PID_TAG: str(pid), PID_START_TAG: info[2] if info else ""}
+    return {**_machine(), PID_TAG: str(pid), PID_START_TAG: info[2] if info else ""}
 
 
 def process_alive(pid: int, start: str) -> bool:
@@ -134,6 +146,21 @@ def process_alive(pid: int, start: str) -> bool:
     except PermissionError:
         return True
     return not Path("/proc/self").exists()  # with /proc, a pid missing from it is gone
+
+
+def owner_state(tags: Mapping[str, str]) -> str:
+    """"alive", "gone" or "unknown": the state of the process that owns a run, from its owner tags.
+
+    Only processes of this machine's pid namespace can be checked: a run of another host or container
+    is "unknown" (never declared dead from here), unless this machine rebooted since it started.
+    """
+    mine = _machine()
+    pid = tags.get(PID_TAG, "")
+    if tags.get(HOST_TAG) != mine[HOST_TAG] or not pid.isdigit() or tags.get(PID_NS_TAG, "") != mine[PID_NS_TAG]:
+        return "unknown"
+    if tags.get(BOOT_TAG) and mine[BOOT_TAG] and tags[BOOT_TAG] != mine[BOOT_TAG]:
+        return "gone"
+    return "alive" if process_alive(int(pid), tags.get(PID_START_TAG, "")) else "gone"
 
 
 def pipeline_id() -> str | None:
@@ -156,8 +183,8 @@ def pipeline_id() -> str | None:
 def _pipeline_owner(pid: str) -> dict[str, str]:
     """Owner tags of a pipeline's parent run: the DVC process, when the id names one on this host."""
     parts = pid.split(":")
-    if len(parts) == 3 and parts[0] == host_name() and parts[1].isdigit():
-        return {HOST_TAG: parts[0], PID_TAG: parts[1], PID_START_TAG: parts[2]}
+    if len(parts) == 3 and parts[0] == host_name() and parts[1].isdigit():  # an ancestor: same namespace
+        return {**_machine(), PID_TAG: parts[1], PID_START_TAG: parts[2]}
     return {}
 
 
@@ -190,8 +217,6 @@ def _script_name() -> str:
         return str(script.relative_to(Path(top).resolve()))
     return str(script)
 
-
-# ---------------------------------------------------------------- the store: lock, retries, experiment
 
 _LOCKS: dict[str, Any] = {}
 
@@ -301,9 +326,6 @@ def unique_run_name(client, experiment_id: str, name: str) -> str:
     return next(f"{name}-{i}" for i in range(2, len(taken) + 3) if f"{name}-{i}" not in taken)
 
 
-# ---------------------------------------------------------------- status of finished, killed and parent runs
-
-
 def _worst(statuses) -> str | None:
     return next((s for s in BAD_STATUSES if s in statuses), None)
 
@@ -340,15 +362,14 @@ def mark_dead_runs(client, experiment_id: str) -> list[str]:
     """Mark KILLED the RUNNING runs of this host whose process is gone (SIGKILL, out of memory, a crash).
 
     Their end time is their last logged metric; a pipeline parent with such a child becomes KILLED too.
-    Runs of other hosts are left alone (their processes cannot be checked from here). Returns the run ids.
+    Runs of other hosts or containers are left alone (`owner_state`). Returns the run ids.
     """
     found = with_retries(client.search_runs, [experiment_id],
                          filter_string=f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{host_name()}'",
                          max_results=5000)
     dead = []
     for run in found:
-        pid, start = run.data.tags.get(PID_TAG, ""), run.data.tags.get(PID_START_TAG, "")
-        if not pid.isdigit() or process_alive(int(pid), start):
+        if owner_state(run.data.tags) != "gone":
             continue
         with_retries(client.set_tag, run.info.run_id, "argrpo.ended_by",
                      f"found dead by process {os.getpid()} at {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -377,9 +398,6 @@ def _pipeline_parent(client, experiment_id: str, pid: str, exp_name: str) -> str
         tags["mlflow.source.name"] = info[1][:500]  # the DVC command line: `dvc repro`, `dvc exp run ...`
     name = unique_run_name(client, experiment_id, exp_name or f"repro-{_name_suffix()}")
     return with_retries(client.create_run, experiment_id, run_name=name, tags=tags).info.run_id
-
-
-# ---------------------------------------------------------------- signals
 
 
 class StageInterrupted(SystemExit):
@@ -428,9 +446,6 @@ def _status_of(error: BaseException) -> str:
     if isinstance(error, SystemExit) and error.code in (0, None):
         return "FINISHED"
     return "FAILED"
-
-
-# ---------------------------------------------------------------- runs
 
 
 def _flat(params: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -579,6 +594,7 @@ class StageRun:
 
 def _reopen(client, experiment_id: str, run_id: str, parent_id: str | None):
     """Reopen run `run_id` for a resumed stage; None (with a note) when it is not in this experiment."""
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     try:
@@ -591,19 +607,18 @@ def _reopen(client, experiment_id: str, run_id: str, parent_id: str | None):
               file=sys.stderr)
         return None
     tags = run.data.tags
-    if run.info.status == "RUNNING" and tags.get(HOST_TAG) and tags[HOST_TAG] != host_name():
-        raise RuntimeError(f"run {run_id} ({run.info.run_name}) is RUNNING on host {tags[HOST_TAG]}: stop that "
-                           f"process, or end the run in MLflow, before resuming it here")
-    owner = tags.get(PID_TAG, "")
-    if run.info.status == "RUNNING" and owner.isdigit() and process_alive(int(owner), tags.get(PID_START_TAG, "")):
-        raise RuntimeError(f"run {run_id} ({run.info.run_name}) is still RUNNING in process {tags[PID_TAG]}: "
-                           f"two processes cannot continue one run")
+    if run.info.status == "RUNNING":
+        state = owner_state(tags)
+        if state == "alive":
+            raise RuntimeError(f"run {run_id} ({run.info.run_name}) is still RUNNING in process {tags[PID_TAG]}: "
+                               f"two processes cannot continue one run")
+        if state == "unknown":  # its process is out of sight (another host or container): take the run over
+            print(f"argrpo: run {run.info.run_name} is marked RUNNING by a process this machine cannot see "
+                  f"(host {tags.get(HOST_TAG, '?')}, pid {tags.get(PID_TAG, '?')}); resuming it here", file=sys.stderr)
     attempt = int(tags.get(ATTEMPTS_TAG, "1")) + 1
     new_tags = {**owner_tags(), ATTEMPTS_TAG: str(attempt)}
     if parent_id:
         new_tags["mlflow.parentRunId"] = parent_id
-    from mlflow.entities import RunTag
-
     with_retries(client.log_batch, run_id, tags=[RunTag(k, v) for k, v in new_tags.items()])
     with_retries(client.update_run, run_id, status="RUNNING")
     return with_retries(client.get_run, run_id), attempt
@@ -617,8 +632,10 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, run_name: str
 
     `stage`: the stage's dvc.yaml name without the matrix part (`grpo`), tagged `stage`; `run_name`
     (default `stage`) gets a suffix, the DVC experiment's name or the start time, unique in the
-    experiment. `resume_run_id`: reopen that run instead and continue it (same metrics, new steps), when
-    it exists in this store and experiment; otherwise a new run opens. Before opening, RUNNING runs of
+    experiment; `tags`: extra tags (`variant`, `seed`). `resume_run_id`: reopen that run instead and
+    continue it, when it exists in this store and experiment (otherwise a new run opens); steps logged
+    again after a resume (those between the checkpoint and the kill) add a second point at their step,
+    equal to the first when the resumed loop is deterministic. Before opening, RUNNING runs of
     this host whose process died are marked KILLED (`mark_dead_runs`). With `handle_signals`, SIGTERM
     and SIGINT end the run KILLED and the process with status 128 + signal (`exit_on_signals`).
 
@@ -645,6 +662,8 @@ def stage_run(stage: str, params: Mapping[str, Any] | None = None, run_name: str
     handle = StageRun(client, run.info.run_id, experiment_id, run.info.run_name, stage, attempt)
     with exit_on_signals() if handle_signals else nullcontext():
         try:
+            if reopened and tags:
+                handle.set_tags(tags)
             if params:
                 handle.log_params(params)
             yield handle
@@ -678,9 +697,6 @@ def read_run_id(path: str | Path) -> str | None:
     if data.get("tracking_uri") != tracking_uri() or data.get("experiment") != experiment_name():
         return None
     return data.get("run_id") or None
-
-
-# ---------------------------------------------------------------- reading runs back
 
 
 def _client_if_exists():

@@ -1,6 +1,7 @@
 import importlib.util
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -32,12 +33,23 @@ for _name, _value in OFFLINE_ENV.items():
     os.environ.setdefault(_name, _value)
 
 
+_popen_init = subprocess.Popen.__init__
+
+
+def offline_popen_init(self, *args, env=None, **kwargs):
+    """Popen with the guard kept on PYTHONPATH even when a test passes its own environment."""
+    if env is not None:
+        env = {**OFFLINE_ENV, **env, "PYTHONPATH": offline_pythonpath(env.get("PYTHONPATH"))}
+    _popen_init(self, *args, env=env, **kwargs)
+
+
 @pytest.fixture(autouse=True)
 def no_network(monkeypatch):
     """Every test, and every Python process it starts, runs with the network guard (see offline_site)."""
     monkeypatch.setenv("PYTHONPATH", offline_pythonpath(os.environ.get("PYTHONPATH")))
     for name, value in OFFLINE_ENV.items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setattr(subprocess.Popen, "__init__", offline_popen_init)
     monkeypatch.setattr(socket.socket, "connect", network_guard.connect)
     monkeypatch.setattr(socket.socket, "connect_ex", network_guard.connect_ex)
     monkeypatch.setattr(socket.socket, "sendto", network_guard.sendto)

@@ -10,9 +10,18 @@ import pytest
 
 # example.com's address: never contacted, the guard raises before connect() reaches the kernel
 OUTSIDE = ("93.184.216.34", 80)
+# a child checks the guard is in place before it tries, so a broken guard fails the test without traffic
+CHECK_GUARD = ("import socket, sys\n"
+               "if not socket.socket.connect.__code__.co_filename.endswith('offline_site/sitecustomize.py'):\n"
+               "    sys.exit('network guard not installed')\n")
+
+
+def guarded() -> bool:
+    return socket.socket.connect.__code__.co_filename.endswith("offline_site/sitecustomize.py")
 
 
 def test_this_process_refuses_outside_connections_and_lookups():
+    assert guarded() and socket.create_connection.__module__ == "socket"
     with pytest.raises(ConnectionRefusedError, match="network access refused in tests"):
         socket.create_connection(OUTSIDE, timeout=30)
     with pytest.raises(ConnectionRefusedError, match="network access refused in tests"):
@@ -39,7 +48,7 @@ def test_loopback_and_unix_sockets_still_work(tmp_path):
 
 def test_a_child_process_refuses_outside_connections_fast_and_keeps_loopback():
     assert os.environ["PYTHONPATH"].split(os.pathsep)[0].endswith("offline_site")
-    probe = ("import socket, sys\n"
+    probe = (CHECK_GUARD +
              "srv = socket.socket(); srv.bind(('127.0.0.1', 0)); srv.listen()\n"
              "socket.create_connection(srv.getsockname(), timeout=10).close()\n"  # loopback: allowed
              "print('loopback ok', flush=True)\n"
@@ -48,4 +57,11 @@ def test_a_child_process_refuses_outside_connections_fast_and_keeps_loopback():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert time.monotonic() - start < 30  # refused at once, not a 30 s connect timeout
     assert "loopback ok" in done.stdout
+    assert done.returncode != 0 and "network access refused in tests" in done.stderr, done.stderr
+
+
+def test_a_child_started_with_its_own_environment_keeps_the_guard():
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": "/somewhere/else"}  # as tests that build an env do
+    probe = CHECK_GUARD + f"socket.socket().connect({OUTSIDE!r})\n"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "network access refused in tests" in done.stderr, done.stderr

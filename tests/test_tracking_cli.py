@@ -69,8 +69,6 @@ def test_doctor_on_the_embedded_default_has_nothing_to_check():
     assert result.exit_code == 0 and "nothing to check" in result.output
 
 
-# ---------------------------------------------------------------- conventions, names, images, child runs
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -230,8 +228,6 @@ def test_pipeline_parent_runs_while_a_stage_runs_and_finishes_after(tmp_path, st
     assert by_name(uri)["exp-one"].info.status == "FINISHED"
 
 
-# ---------------------------------------------------------------- kills, signals, resume
-
 WORKER = """
 import sys, time
 from argrpo import tracking
@@ -308,6 +304,16 @@ def test_a_sigkilled_run_is_marked_killed_when_the_next_stage_starts(tmp_path, s
     assert by_name(uri)["exp-one"].info.status == "KILLED"
 
 
+def test_owner_state_judges_only_processes_this_machine_can_see():
+    mine = tracking.owner_tags()
+    assert tracking.owner_state(mine) == "alive"
+    assert tracking.owner_state({**mine, "argrpo.pid_start": "1"}) == "gone"  # the pid now names another process
+    assert tracking.owner_state({**mine, "argrpo.boot_id": "before-a-reboot"}) == "gone"
+    assert tracking.owner_state({**mine, "argrpo.pid_namespace": "pid:[1]"}) == "unknown"  # another container
+    assert tracking.owner_state({**mine, "argrpo.host": "elsewhere"}) == "unknown"
+    assert tracking.owner_state({}) == "unknown"
+
+
 def test_signals_end_the_run_killed_and_handlers_are_restored(store):
     uri = store
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -359,9 +365,6 @@ def test_run_id_file_is_ignored_for_another_store(tmp_path, monkeypatch, store):
     assert tracking.read_run_id(tmp_path / "absent.json") is None
 
 
-# ---------------------------------------------------------------- many writers on a new store
-
-
 def write_one_run(uri: str, index: int) -> None:
     os.environ["MLFLOW_TRACKING_URI"] = uri
     os.environ["DVC_EXP_NAME"] = "race"
@@ -389,9 +392,6 @@ def test_four_processes_on_a_fresh_store_all_record_their_run(tmp_path, monkeypa
     assert len({r.info.run_name for r in runs}) == 4
     assert sorted(r.data.params["grpo.seed"] for r in runs) == ["0", "1", "2", "3"]
     assert all(len(client.get_metric_history(r.info.run_id, "reward/composite_mean")) == 5 for r in runs)
-
-
-# ---------------------------------------------------------------- argrpo runs
 
 
 def test_runs_prints_a_compact_table_per_stage_with_headline_metrics(store):
