@@ -26,8 +26,10 @@ def test_this_process_refuses_outside_connections_and_lookups():
         socket.create_connection(OUTSIDE, timeout=30)
     with pytest.raises(ConnectionRefusedError, match="network access refused in tests"):
         socket.socket().connect(OUTSIDE)
-    with pytest.raises(ConnectionRefusedError, match="look up 'example.com'"):
+    with pytest.raises(socket.gaierror, match="look up 'example.com'"):  # no DNS query either
         socket.getaddrinfo("example.com", 443)
+    with pytest.raises(socket.herror, match="look up '93.184.216.34'"):
+        socket.gethostbyaddr(OUTSIDE[0])
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(ConnectionRefusedError):
         udp.sendto(b"x", ("8.8.8.8", 53))
 

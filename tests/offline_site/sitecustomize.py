@@ -70,27 +70,39 @@ def sendto(self, data, *args):
     return _real_sendto(self, data, *args)
 
 
+def numeric(host) -> bool:
+    try:
+        ipaddress.ip_address(str(host.decode() if isinstance(host, bytes) else host).split("%", 1)[0])
+    except ValueError:
+        return False
+    return True
+
+
+def refuse_lookup(host) -> None:
+    """A name that would need DNS: fail as an unknown name does (socket.gaierror), before any query."""
+    if not (local_host(host) or numeric(host)):
+        raise socket.gaierror(socket.EAI_NONAME, f"{MESSAGE}: look up {host!r}")
+
+
 def getaddrinfo(host, *args, **kwargs):
-    if not local_host(host):
-        refuse(f"look up {host!r}")
+    refuse_lookup(host)
     return _real_getaddrinfo(host, *args, **kwargs)
 
 
 def gethostbyname(host):
-    if not local_host(host):
-        refuse(f"look up {host!r}")
+    refuse_lookup(host)
     return _real_gethostbyname(host)
 
 
 def gethostbyname_ex(host):
-    if not local_host(host):
-        refuse(f"look up {host!r}")
+    refuse_lookup(host)
     return _real_gethostbyname_ex(host)
 
 
 def gethostbyaddr(host):
-    if not local_host(host):
-        refuse(f"look up {host!r}")
+    refuse_lookup(host)
+    if not local_host(host):  # a reverse lookup of an outside address is a DNS query too
+        raise socket.herror(1, f"{MESSAGE}: look up {host!r}")
     return _real_gethostbyaddr(host)
 
 
