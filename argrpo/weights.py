@@ -21,7 +21,7 @@ import torch
 
 from argrpo.checkpoints import IGNORED_KEYS, WRAPPER_KEYS
 from argrpo.config import require
-from argrpo.data import IMAGE_SUFFIXES
+from argrpo.data import class_folders
 from argrpo.gpt import GPT, GPT_PRESETS, gpt_config
 from argrpo.vq import VQ_PRESETS, VQModel, vq_config
 
@@ -260,16 +260,7 @@ def _check_npz(path: str) -> str:
 
 
 def _check_folder(path: str) -> str:
-    classes = sorted((entry for entry in os.scandir(path) if entry.is_dir()), key=lambda e: e.name)
-    if not classes:
-        raise ValueError("has no class sub-folders; expected one sub-folder of images per class")
-    empty = [
-        entry.name for entry in classes
-        if not any(Path(f.name).suffix in IMAGE_SUFFIXES for f in os.scandir(entry.path) if f.is_file())
-    ]
-    if empty:
-        raise ValueError(f"class folders without images ({len(empty)}): {', '.join(empty[:10])}")
-    return f"{len(classes)} class folders"
+    return f"{len(class_folders(Path(path)))} class folders"  # the prepare stage's own rules and messages
 
 
 def _read(kind: str, path: str, expected: Shapes | None) -> str:
