@@ -151,7 +151,8 @@ def doctor(params: Path = typer.Option(Path("params.yaml"), help="params file to
         typer.echo(f"{params}: {err}", err=True)
         raise typer.Exit(2) from None
     model, weights = p.model, p.weights
-    needed = needed_weights(model.source, p.instance_rewards(), p.ref_stats.features, weights.ref_stats)
+    needed = needed_weights(model.source, p.instance_rewards(), p.ref_stats.features, weights.ref_stats,
+                            p.ref_stats.reward_features)
     typer.echo(f"model: {model.gpt_preset} + {model.vq_preset} at {model.image_size}px, source: {model.source}")
     if not needed:
         typer.echo("this configuration reads no external files (embedded default): nothing to check")

@@ -35,6 +35,7 @@ from argrpo.config import Bool, ConfigError, Float, Int, load_section, require
 from argrpo.distributed import (
     PARALLEL_MODES,
     Dist,
+    all_gather_cat,
     all_reduce_sum,
     barrier,
     full_parameters,
@@ -55,7 +56,7 @@ from argrpo.runstate import GRPORun, load_run, save_run, write_curves
 from argrpo.sampling import SamplingConfig
 
 REFERENCES = ("ema", "frozen")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16_params")
 # LOO-FID scores the batch as a whole: it is configured by `loo_fid` and `fid_advantage_weight`
 INSTANCE_REWARDS = tuple(sorted(name for name in REWARDS if name != "loo_fid"))
 
@@ -85,7 +86,9 @@ class GRPOConfig:
     betas: tuple[Float, Float] = (0.9, 0.95)
     weight_decay: Float = 0.01
     grad_clip: Float = 1.0
-    precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs float32
+    # fp32; bf16: autocast on CUDA over float32 weights (CPU runs float32); bf16_params: the network's weights
+    # themselves in bfloat16 with no float32 master copy, on any device (the LOO-FID paper's code)
+    precision: str = "bf16"
     decode_batch: Int = 64  # images decoded per tokenizer call
     checkpoint_every: Int = 50
     log_every: Int = 1
@@ -161,6 +164,8 @@ def start_run(policy: Policy, cfg: GRPOConfig, dist: Dist | None = None) -> GRPO
     # equal shards: DDP averages the per-process mean losses, which is the global mean only then
     require(cfg.batch_classes % dist.world_size == 0, "grpo.batch_classes",
             f"must be divisible by the number of processes ({dist.world_size})", cfg.batch_classes)
+    if cfg.precision == "bf16_params":
+        policy.net.to(torch.bfloat16)
     reference = policy.frozen_copy()
     trainer = parallelize(policy, reference, dist, cfg.parallel)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
@@ -387,12 +392,14 @@ def grpo_step(run: GRPORun, rewards: Mapping[str, tuple[Reward, float]], loo_fid
         bad_features = int(all_reduce_sum(torch.tensor([float(nonfinite_rows(features).sum())])).item())
         metrics["health/nonfinite_features"] = float(bad_features)
         if not bad_features:  # a non-finite feature would poison the batch sums and the EMA for good
-            fid_rewards, nonfinite = finite_or_zero(loo_fid.score(features, global_sums(feature_sums(features))))
+            batch = all_gather_cat(features) if loo_fid.covariance == "full" else None  # [N, F]: every process's
+            fid_rewards, nonfinite = finite_or_zero(
+                loo_fid.score(features, global_sums(feature_sums(features)), batch=batch))
             adv_fid = group_advantages(fid_rewards.to(device), G)
             metrics.update({"reward/loo_fid_mean": fid_rewards.mean().item(),
                             "reward/loo_fid_std": fid_rewards.std().item(),
                             "reward/loo_fid_nonfinite": float(nonfinite),
-                            "fid/batch": loo_fid.last_stats["batch_fid"], "fid/ema": loo_fid.last_stats["ema_fid"]})
+                            **{f"fid/{key.removesuffix('_fid')}": value for key, value in loo_fid.last_stats.items()}})
     timer.lap("reward")
 
     adv_inst = group_advantages(composite, G).float()

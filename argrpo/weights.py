@@ -41,6 +41,7 @@ class WeightsConfig:
     hpsv2_weights: str = ""
     maniqa_weights: str = ""
     inception: str = ""  # inception-2015-12-05.pt
+    reward_inception: str = ""  # torchvision's Inception-v3 IMAGENET1K_V1 state dict (LOO-FID paper's features)
     ref_stats: str = ""  # .npz with mu and sigma
     ref_images: str = ""  # folder with one sub-folder of images per class
 
@@ -95,6 +96,11 @@ WEIGHT_SOURCES: dict[str, WeightSource] = {
         "NVIDIA's StyleGAN2-ADA metrics downloads (stylegan2-ada-pytorch/pretrained/metrics on nvlabs-fi-cdn."
         "nvidia.com, the TorchScript Inception that clean-fid also uses)",
     ),
+    "reward_inception": WeightSource(
+        "inception_v3_google-0cc3c7bd.pth (torchvision's Inception_V3_Weights.IMAGENET1K_V1)",
+        "torchvision's model weights (download.pytorch.org/models, the file torchvision itself caches for "
+        "inception_v3(weights='IMAGENET1K_V1'))",
+    ),
     "ref_stats": WeightSource(
         "VIRTUAL_imagenet256_labeled.npz",
         "the reference batches of OpenAI's ADM evaluator (guided-diffusion repository, evaluations/README.md)",
@@ -113,6 +119,7 @@ KINDS: dict[str, str] = {
     "hpsv2_weights": "torch",
     "maniqa_weights": "torch",
     "inception": "torchscript",
+    "reward_inception": "torch",
     "ref_stats": "npz",
     "ref_images": "folder",
 }
@@ -337,9 +344,11 @@ def require_weights(
     return checks
 
 
-def needed_weights(model_source: str, instance_rewards: Sequence[str], features: str, ref_stats: str) -> list[str]:
+def needed_weights(model_source: str, instance_rewards: Sequence[str], features: str, ref_stats: str,
+                   reward_features: str = "same") -> list[str]:
     """The `weights` parameters a configuration reads: checkpoints for `model.source: weights`, the
-    files of the configured rewards, Inception for `ref_stats.features: inception`, an ADM batch."""
+    files of the configured rewards, Inception for `ref_stats.features: inception`, an ADM batch, and
+    torchvision's Inception for `ref_stats.reward_features: torchvision_inception`."""
     needed = ["gpt_checkpoint", "vq_checkpoint"] if model_source == "weights" else []
     per_reward = {"clip": "clip_weights", "hpsv2": "hpsv2_weights", "maniqa": "maniqa_weights"}
     needed += [per_reward[name] for name in instance_rewards if name in per_reward]
@@ -347,6 +356,8 @@ def needed_weights(model_source: str, instance_rewards: Sequence[str], features:
         needed.append("inception")
     if ref_stats:
         needed.append("ref_stats")
+    if reward_features == "torchvision_inception":
+        needed.append("reward_inception")
     return needed
 
 

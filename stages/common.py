@@ -98,6 +98,12 @@ def extractor(p: Params, side: str):
     from argrpo.features import ClassifierFeatures
 
     device = p.model.torch_device()
+    if side == "reward" and p.ref_stats.reward_features == "torchvision_inception":
+        from argrpo.features import TorchvisionInceptionFeatures
+        from argrpo.weights import require_weights
+
+        require_weights(p.weights, ["reward_inception"])
+        return TorchvisionInceptionFeatures(p.weights.reward_inception, device=device)
     if p.ref_stats.features == "inception":
         from argrpo.inception import InceptionFeatures
         from argrpo.weights import require_weights
@@ -112,7 +118,8 @@ def preflight(p: Params, only: list[str] | None = None) -> None:
     """Fail in seconds, before any model is built, when a file the configuration needs is missing or wrong."""
     from argrpo.weights import model_shapes, needed_weights, require_weights
 
-    needed = needed_weights(p.model.source, p.instance_rewards(), p.ref_stats.features, p.weights.ref_stats)
+    needed = needed_weights(p.model.source, p.instance_rewards(), p.ref_stats.features, p.weights.ref_stats,
+                            p.ref_stats.reward_features)
     needed = [n for n in needed if only is None or n in only]
     if needed:
         require_weights(p.weights, needed, model_shapes(p.model.gpt(), p.model.vq()))

@@ -65,8 +65,8 @@ def main() -> None:
         loo_fid = None
         if cfg.fid_advantage_weight > 0:
             ref = load_ref_stats("data/reward_ref_stats.npz")
-            mu, std = torch.from_numpy(ref["mu"]), torch.from_numpy(ref["std"])
-            loo_fid = LooFidReward.from_config(extractor(p, "reward"), mu, std, cfg.loo_fid)
+            mu, std, sigma = (torch.from_numpy(ref[key]) for key in ("mu", "std", "sigma"))
+            loo_fid = LooFidReward.from_config(extractor(p, "reward"), mu, std, cfg.loo_fid, ref_sigma=sigma)
         train_grpo(policy, rewards, loo_fid, cfg, out, dist=dist,
                    log=(lambda step, m: run.log_metrics(m, step)) if run else None)
         if not dist.is_main:
