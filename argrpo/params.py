@@ -126,7 +126,8 @@ def check_across_sections(p: Params) -> None:
         if world is not None:
             require(cfg.batch_classes % world == 0, key, f"must be divisible by the number of processes ({world} = "
                     "distributed.nproc_per_node x --nnodes)", cfg.batch_classes)
-    embedded_judges = p.ref_stats.features == "classifier" or "classifier" in p.instance_rewards()
+    classifiers = [name for name in p.instance_rewards() if name.startswith("classifier")]
+    embedded_judges = p.ref_stats.features == "classifier" or bool(classifiers)
     if embedded_judges:
         require(p.judge.enabled, "judge.enabled", "must be true when ref_stats.features or a GRPO reward is "
                 "classifier (the embedded judge networks supply them)", p.judge.enabled)

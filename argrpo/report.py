@@ -96,3 +96,22 @@ def plot_fid_recall(rows: Mapping[str, Mapping[str, float]], out: Path, title: s
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def environment() -> dict[str, str]:
+    """What the numbers were measured on: library versions, the CPU, threads."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "cpu": cpu, "logical CPUs": str(os.cpu_count()),
+            "CUDA": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "intra-op threads per stage process": os.environ.get("ARGRPO_THREADS", "1")}

@@ -25,6 +25,7 @@ def instance_rewards(p: Params, names: dict[str, float], class_names: list[str],
     w = p.weights
     kwargs = {
         "classifier": lambda: {"model_or_path": "models/judge/reward_classifier.pt", "device": device},
+        "classifier_prob": lambda: {"model_or_path": "models/judge/reward_classifier.pt", "device": device},
         "clip": lambda: {"model_name": w.clip_model, "weights": w.clip_weights, "class_names": class_names,
                          "device": device},
         "hpsv2": lambda: {"weights": w.hpsv2_weights, "class_names": class_names, "device": device},

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from common import params, run_stage, stage, write_json
 
-from argrpo.report import fmt, image_grid, plot_curves, plot_fid_recall, results_table
+from argrpo.report import environment, fmt, image_grid, plot_curves, plot_fid_recall, results_table
 
 REPORTS = Path("reports")
 
@@ -104,6 +104,11 @@ def main() -> None:
             *findings(metrics, judge, seeds.get("real_holdout", {})),
             "",
             f"Stage seconds (`reports/timings.json`): total {timings['total']} s.",
+            "",
+            "## Environment",
+            "",
+            *(f"- {key}: {value}" for key, value in environment().items()),
+            f"- processes per GRPO / sample / evaluate stage: {p.distributed.nproc_per_node}",
             "",
             "![GRPO curves](grpo_curves.png)",
             "",
