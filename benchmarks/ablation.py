@@ -6,7 +6,7 @@ models/judge), e.g.
     python benchmarks/ablation.py benchmarks/ablations.yaml --seeds 10 11 12 --jobs 2
 
 Every ablation is a partial `grpo` section laid over params.yaml's `grpo` section (as a GRPO variant is).
-Each (ablation, seed) is trained into <out>/runs/<name>_s<seed> (skipped when its policy.pt exists, so
+Each (ablation, seed) is trained into models/ablation/<name>_s<seed> (skipped when its policy.pt exists, so
 an interrupted sweep resumes), sampled without guidance with the sample stage's settings and scored by
 the evaluation network exactly as the evaluate stage scores it. The base model's rows (with and without
 CFG) are scored the same way. Results: <out>.json (every run) and <out>.md (mean ± std over seeds).
@@ -15,12 +15,12 @@ CFG) are scored the same way. Results: <out>.json (every run) and <out>.md (mean
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import multiprocessing as mp
 import os
 import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +53,7 @@ def score(policy, p, sampling) -> dict[str, float]:
 
 def run_one(job: tuple[str, dict, int, str]) -> dict:
     """Train one (ablation, seed) GRPO run and score it; returns its row."""
-    name, override, seed, out = job
+    name, override, seed, runs = job
     torch.set_num_threads(1)
     from common import extractor, load_policy, params
 
@@ -67,26 +67,29 @@ def run_one(job: tuple[str, dict, int, str]) -> dict:
     p = params()
     section = merge(merge(p.raw.get("grpo") or {}, override), {"seed": seed})
     cfg = load_section(GRPOConfig, section, f"ablation {name}")
-    run_dir = Path(out) / "runs" / f"{name}_s{seed}"
+    run_dir = Path(runs) / f"{name}_s{seed}"
     torch.manual_seed(cfg.seed)
     policy = load_policy(p, device=torch.device("cpu"))
-    start = time.perf_counter()
     if not (run_dir / "policy.pt").exists():
-        rewards = {r: (build_reward(r, model_or_path="models/judge/reward_classifier.pt"), w)
-                   for r, w in cfg.rewards.items()}
+        real = torch.from_numpy(load_ref_stats("data/reward_ref_stats.npz")["features"])
+        kwargs = {"realism": {"extractor": extractor(p, "reward"), "real_features": real}}
+        rewards = {r: (build_reward(r, **kwargs.get(r, {"model_or_path": "models/judge/reward_classifier.pt"})), w)
+                   for r, w in cfg.rewards.items()}  # the embedded default's rewards
         loo_fid = None
         if cfg.fid_advantage_weight > 0:
             ref = load_ref_stats("data/reward_ref_stats.npz")
             mu, std, sigma = (torch.from_numpy(ref[key]) for key in ("mu", "std", "sigma"))
             loo_fid = LooFidReward.from_config(extractor(p, "reward"), mu, std, cfg.loo_fid, ref_sigma=sigma)
         train_grpo(policy, rewards, loo_fid, cfg, run_dir, progress=False)
-    seconds = time.perf_counter() - start
+    # the GRPO loop's own seconds, from its curves (wall time would count the other jobs on the machine)
+    with (run_dir / "curves.csv").open() as f:
+        seconds = sum(float(row["time/step"]) for row in csv.DictReader(f))
     policy = load_policy(p, run_dir / "policy.pt", torch.device("cpu"))
     row = score(policy, p, p.sample.sampling(1.0))
-    return {"ablation": name, "seed": seed, "train_seconds": seconds, **row}
+    return {"ablation": name, "seed": seed, "grpo_step_seconds": seconds, **row}
 
 
-def base_rows(out: str) -> dict:
+def base_rows() -> dict:
     torch.set_num_threads(1)
     from common import load_policy, params
 
@@ -113,6 +116,7 @@ def main() -> None:
     parser.add_argument("ablations", type=Path, help="YAML: a mapping of ablation name -> partial grpo section")
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
     parser.add_argument("--out", default="reports/ablation")
+    parser.add_argument("--runs", default="models/ablation", help="where the runs' checkpoints go (not committed)")
     parser.add_argument("--only", nargs="*", default=None, help="run only these ablations")
     parser.add_argument("--jobs", type=int, default=1)
     args = parser.parse_args()
@@ -123,10 +127,10 @@ def main() -> None:
     json_path = out.with_suffix(".json")
     results = json.loads(json_path.read_text()) if json_path.exists() else {"runs": []}
     done = {(r["ablation"], r["seed"]) for r in results["runs"]}
-    jobs = [(name, override or {}, seed, str(out)) for name, override in ablations.items() for seed in args.seeds
+    jobs = [(name, override or {}, seed, args.runs) for name, override in ablations.items() for seed in args.seeds
             if (name, seed) not in done]
     if "base" not in results:
-        results["base"] = base_rows(str(out))
+        results["base"] = base_rows()
     results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
                               "cpu": platform.processor() or platform.machine(), "threads_per_run": 1,
                               "jobs": args.jobs, "cpus": os.cpu_count()}

@@ -26,6 +26,8 @@ def instance_rewards(p: Params, names: dict[str, float], class_names: list[str],
     kwargs = {
         "classifier": lambda: {"model_or_path": "models/judge/reward_classifier.pt", "device": device},
         "classifier_prob": lambda: {"model_or_path": "models/judge/reward_classifier.pt", "device": device},
+        "realism": lambda: {"extractor": extractor(p, "reward"),
+                            "real_features": torch.from_numpy(load_ref_stats("data/reward_ref_stats.npz")["features"])},
         "clip": lambda: {"model_name": w.clip_model, "weights": w.clip_weights, "class_names": class_names,
                          "device": device},
         "hpsv2": lambda: {"weights": w.hpsv2_weights, "class_names": class_names, "device": device},

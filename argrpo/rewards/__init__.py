@@ -23,6 +23,7 @@ class Reward(Protocol):
 REWARDS: dict[str, str] = {
     "classifier": "argrpo.rewards.classifier:ClassifierReward",
     "classifier_prob": "argrpo.rewards.classifier:ClassifierProbReward",
+    "realism": "argrpo.rewards.realism:RealismReward",
     "loo_fid": "argrpo.rewards.loo_fid:LooFidReward",
     "clip": "argrpo.rewards.clip:ClipReward",
     "clip_quantized": "argrpo.rewards.clip:QuantizedClipReward",
