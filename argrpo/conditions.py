@@ -4,9 +4,9 @@ Every policy, reward and evaluation sees condition ids only; a condition set giv
 
 - class-conditional families (LlamaGen c2i, VAR): id i is a class, or with styles a (class, style) pair.
   `classes[i]` is the class the network is conditioned on; `prompts[i]` is the text the CLIP-style rewards
-  and judges score against, `template` filled with the class name (and the style): "a photo of a {name}",
-  or VAR-GRPO's "a {name} in the style of {style}", which lets a class-conditional model learn styles
-  its classes never had. Pairs are numbered class-major: id = class * len(styles) + style.
+  and judges score against, a template filled with the class name (and the style): "a photo of a {name}",
+  or with styles VAR-GRPO's "a {name} in the style of {style}", which lets a class-conditional model learn
+  styles its classes never had. Pairs are numbered class-major: id = class * len(styles) + style.
 - text-to-image (LlamaGen T2I): id i is prompt i of a prompt set; `features` hold its cached caption
   features (argrpo.text), and `classes[i]` the class the prompt asks for where the prompt set says
   (the digit of a digit prompt, for prompt accuracy and the classifier reward), else -1.
@@ -43,6 +43,7 @@ SPLITS = ("train", "eval")
 ENCODERS = ("stand_in", "t5")
 CLASS_PROMPTS = "classes"  # a split made of the class names (class-conditional families)
 DIGIT_PROMPTS = "digits"  # the embedded text-to-image prompts (argrpo.prompts.digit_prompts)
+STYLE_TEMPLATE = "a {name} in the style of {style}"  # VAR-GRPO's style prompts
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class PromptsConfig:
 
     train: str = CLASS_PROMPTS
     eval: str = CLASS_PROMPTS
-    template: str = DEFAULT_TEMPLATE  # classes: the prompt of a class ({name}) and style ({style})
+    template: str = DEFAULT_TEMPLATE  # classes: the prompt of a class ({name})
+    style_template: str = STYLE_TEMPLATE  # classes: the prompt of a (class, style) pair ({name}, {style})
     styles: tuple[str, ...] = ()  # classes: train ids enumerate (class, style) pairs when given
     eval_styles: tuple[str, ...] = ()  # classes: the same for the evaluation ids (VAR's FID protocol: none)
     encoder: str = "stand_in"  # text-to-image: stand_in (fixed random small T5) | t5 (weights.t5_dir)
@@ -70,13 +72,14 @@ class PromptsConfig:
             value = getattr(self, split)
             require(value in (CLASS_PROMPTS, DIGIT_PROMPTS) or value.endswith((".txt", ".jsonl")), split,
                     f"must be {CLASS_PROMPTS}, {DIGIT_PROMPTS} or a prompt file (.txt or .jsonl)", value)
-        require("{name}" in self.template, "template", "must contain {name} (the class name)", self.template)
-        has_style = "{style}" in self.template
+        require("{name}" in self.template and "{style}" not in self.template, "template",
+                "must contain {name} (the class name) and no {style} (style_template has it)", self.template)
+        require("{name}" in self.style_template and "{style}" in self.style_template, "style_template",
+                "must contain {name} and {style}", self.style_template)
         for key in ("styles", "eval_styles"):
             styles = getattr(self, key)
             require(all(isinstance(s, str) and s.strip() for s in styles), key, "must be non-empty strings", styles)
             require(len(set(styles)) == len(styles), key, "must not repeat a style", styles)
-            require(not styles or has_style, key, "need a template with {style}", styles)
         require(self.encoder in ENCODERS, "encoder", f"must be one of {', '.join(ENCODERS)}", self.encoder)
         require(self.feature_dtype in FEATURE_DTYPES, "feature_dtype", f"must be one of {', '.join(FEATURE_DTYPES)}",
                 self.feature_dtype)
@@ -84,6 +87,9 @@ class PromptsConfig:
 
     def split_styles(self, split: str) -> tuple[str, ...]:
         return self.styles if split == "train" else self.eval_styles
+
+    def split_template(self, split: str) -> str:
+        return self.style_template if self.split_styles(split) else self.template
 
 
 @dataclass(frozen=True, eq=False)
@@ -130,8 +136,9 @@ def class_condition_set(class_names: Sequence[str], template: str = DEFAULT_TEMP
         raise ValueError("class_names must not be empty")
     if "{name}" not in template:
         raise ValueError(f"prompt template must contain '{{name}}', got {template!r}")
-    if styles and "{style}" not in template:
-        raise ValueError(f"styles need a template with '{{style}}', got {template!r}")
+    if bool(styles) != ("{style}" in template):
+        raise ValueError(f"a template has '{{style}}' exactly when styles are given; got {template!r} with "
+                         f"{len(styles)} styles")
     prompts, classes = [], []
     for label, name in enumerate(class_names):
         for style in styles or [None]:
@@ -156,7 +163,8 @@ def load_split_prompts(cfg: PromptsConfig, split: str) -> PromptSet:
 
 def class_condition_sets(cfg: PromptsConfig, class_names: Sequence[str]) -> dict[str, ConditionSet]:
     """Both splits of a class-conditional task: the classes, with each split's styles."""
-    return {split: class_condition_set(class_names, cfg.template, cfg.split_styles(split)) for split in SPLITS}
+    return {split: class_condition_set(class_names, cfg.split_template(split), cfg.split_styles(split))
+            for split in SPLITS}
 
 
 def text_condition_sets(cfg: PromptsConfig, max_length: int, t5_dir: str = "",

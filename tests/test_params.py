@@ -58,8 +58,8 @@ BAD = [
     ("weights.qwen_vl_dir", None, "must be a string, got None"),
     ("prompts.train", "coco", "must be classes, digits or a prompt file (.txt or .jsonl), got 'coco'"),
     ("prompts.eval", "prompts.csv", "must be classes, digits or a prompt file"),
-    ("prompts.template", "a photo", "must contain {name} (the class name)"),
-    ("prompts.styles", ["ink"], "need a template with {style}"),
+    ("prompts.template", "a photo", "must contain {name} (the class name) and no {style}"),
+    ("prompts.style_template", "a {name} in ink", "must contain {name} and {style}"),
     ("prompts.styles", ["ink", "ink"], "must not repeat a style"),
     ("prompts.eval_styles", [""], "must be non-empty strings"),
     ("prompts.styles", "ink", "must be a list, got 'ink'"),
@@ -186,7 +186,7 @@ ACROSS = [
     ({"model.family": "llamagen_t2i", "prompts.train": "digits", "prompts.eval": "digits"},
      "model.caption_dim must be 64, the stand-in text encoder's width (prompts.encoder stand_in), got 2048"),
     ({"model.family": "llamagen_t2i", "model.caption_dim": 64, "prompts.train": "digits", "prompts.eval": "a.txt",
-      "prompts.template": "a {name} in {style}", "prompts.styles": ["ink"]},
+      "prompts.styles": ["ink"]},
      "prompts.styles must be empty for model.family llamagen_t2i"),
     ({"model.family": "llamagen_t2i", "model.caption_dim": 64, "prompts.train": "digits", "prompts.eval": "digits",
       "data.kind": "folder", "data.root": "images"}, "prompts.train must not be digits unless data.kind is digits"),
@@ -200,7 +200,7 @@ def test_a_family_is_chosen_by_params_alone():
     assert (var.model.family, t2i.model.family, parse_params(DEFAULT).model.family) == ("var", "llamagen_t2i",
                                                                                          "llamagen")
     assert var.model.network().num_tokens == 30 and var.model.tokenizer().patch_nums == (1, 2, 3, 4)
-    assert (t2i.model.gpt().model_type, t2i.model.gpt().cls_token_num, t2i.prompts.train) == ("t2i", 16, "digits")
+    assert (t2i.model.gpt().model_type, t2i.model.gpt().cls_token_num, t2i.prompts.train) == ("t2i", 8, "digits")
     assert parse_params(with_values({"model.family": "var"})).model.var().depth == 4  # one key switches the family
 
 
