@@ -142,7 +142,7 @@ def class_condition_set(class_names: Sequence[str], template: str = DEFAULT_TEMP
     prompts, classes = [], []
     for label, name in enumerate(class_names):
         for style in styles or [None]:
-            prompts.append(template.format(name=name, style=style) if style else template.format(name=name))
+            prompts.append(template.format(name=name, style=style))  # a template without {style} ignores it
             classes.append(label)
     return ConditionSet(tuple(prompts), torch.tensor(classes))
 

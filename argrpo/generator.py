@@ -123,7 +123,8 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class SampleConfig:
-    """The `sample` section: the class-balanced, seeded images every configuration is evaluated on."""
+    """The `sample` section: the seeded images, balanced over the evaluation condition ids, every configuration
+    is evaluated on."""
 
     num_images: Int = 1000
     batch_size: Int = 250

@@ -292,3 +292,18 @@ def test_text_to_image_pretraining_needs_a_prompt_for_every_class():
     no_zero = text_conditions(classes=(1, 2, 1, 2, 2))
     with pytest.raises(ValueError, match="no prompt asks for class 0"):
         pretrain_models(TINY["llamagen_t2i"], cfg, images, labels, no_zero, torch.Generator().manual_seed(0))
+
+
+def test_sample_grids_label_each_row_with_its_prompt():
+    import numpy as np
+
+    from argrpo.report import prompt_grid
+
+    conditions = np.array([0, 1, 2, 0, 1, 2, 4])
+    images = np.stack([np.full((4, 4, 3), 30 * i, np.uint8) for i in range(7)])  # image i is grey level 30 i
+    grid = np.asarray(prompt_grid(images, conditions, PROMPTS, rows=3, per_row=2, scale=2, text_width=100))
+    assert grid.shape == (3 * (8 + 2) + 2, 100 + 2 * (8 + 2) + 2, 3)  # rows: conditions 0, 2 and 4 (spread)
+    assert (grid[2:10, :100] < 128).any() and (grid[12:20, :100] < 128).any()  # each row's prompt is written
+    assert (grid[2:10, 102:110] == 0).all() and (grid[2:10, 112:120] == 90).all()  # condition 0: images 0, 3
+    assert (grid[12:20, 102:110] == 60).all() and (grid[12:20, 112:120] == 150).all()  # condition 2: images 2, 5
+    assert (grid[22:30, 102:110] == 180).all() and (grid[22:30, 112:120] == 255).all()  # condition 4: one image
