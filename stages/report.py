@@ -102,6 +102,7 @@ def main() -> None:
         timings["total"] = round(sum(timings.values()), 1)
         write_json(REPORTS / "timings.json", timings)
         m, d, s = p.model, p.data, p.sample
+        grid_rows = "one row per class" if plain_classes else "one row per condition, labelled with its prompt"
         lines = [
             "# Results",
             "",
@@ -129,7 +130,7 @@ def main() -> None:
             "",
             "![FID against recall](fid_vs_recall.png)",
             "",
-            "Sample grids (one row per class): " + ", ".join(
+            f"Sample grids ({grid_rows}): " + ", ".join(
                 f"[{n.stem}](grids/{n.name})" for n in sorted((REPORTS / "grids").glob("*.png"))),
             "",
         ]
