@@ -101,12 +101,14 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     second = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout
 
-    # sweeps: two queued experiments run in copies through the DVC queue and report to the same store
+    # sweeps: two queued experiments run in copies through the DVC queue and report to the same store; one
+    # switches the model family by params alone (VAR, with VAR's base CFG), the same dvc.yaml running it
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "results"], repo, env)
     # the most common sweep writes a float in exponent form (`lr: 5e-05`), which YAML reads as a string
-    for name, setting in (("fewer-steps", "grpo.steps=2"), ("lower-lr", "grpo.lr=5e-5")):
-        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", setting], repo, env)
+    for name, settings in (("var-face", ["model.family=var", "sample.cfg_scale=2.5"]), ("lower-lr", ["grpo.lr=5e-5"])):
+        sets = [arg for setting in settings for arg in ("-S", setting)]
+        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *sets], repo, env)
     run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], repo, env)
     for _ in range(240):  # the worker runs in the background: poll its status, bounded
         status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, env).stdout
@@ -115,17 +117,20 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         time.sleep(5)
     assert "Failed" not in status and status.count("Success") == 2, status
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], repo, env).stdout
-    assert "fewer-steps" in shown and "lower-lr" in shown
+    assert "var-face" in shown and "lower-lr" in shown
     runs = mlflow.search_runs(experiment_names=["argrpo"])
     names = set(runs["tags.dvc_exp_name"].dropna())
-    assert {"fewer-steps", "lower-lr"} <= names, names
-    queued = runs[runs["tags.dvc_exp_name"].isin(["fewer-steps", "lower-lr"]) & (runs["tags.stage"] == "grpo")]
+    assert {"var-face", "lower-lr"} <= names, names
+    queued = runs[runs["tags.dvc_exp_name"].isin(["var-face", "lower-lr"]) & (runs["tags.stage"] == "grpo")]
     assert len(queued) == 4  # two GRPO variants per experiment
+    var = runs[(runs["tags.dvc_exp_name"] == "var-face") & runs["tags.stage"].isin(["prompts", "pretrain"])]
+    assert set(var["tags.stage"]) == {"prompts", "pretrain"}  # the family switch retrains the base model
+    assert set(var["params.model.family"]) == {"var"}
     lower = queued[queued["tags.dvc_exp_name"] == "lower-lr"]
     assert set(lower["metrics.optim.lr"]) == {5e-5}, lower["metrics.optim.lr"]  # the run trained at that lr
 
 
-# the other families' faces, shrunk further: one GRPO variant (with LOO-FID), fewer samples
+# the text-to-image face, shrunk further: one GRPO variant (with LOO-FID), fewer samples
 FACE_SHRINK = deep_update(json.loads(json.dumps(SHRINK)), {
     "pretrain": {"vq": {"steps": 10}, "gpt": {"steps": 10}},
     "grpo": {"steps": 2},
@@ -134,10 +139,11 @@ FACE_SHRINK = deep_update(json.loads(json.dumps(SHRINK)), {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("face", ["embedded_t2i", "embedded_var"])
-def test_dvc_repro_runs_the_text_to_image_and_var_faces(tmp_path: Path, face: str) -> None:
-    """The same dvc.yaml runs LlamaGen T2I (prompts with cached features) and VAR, chosen by params alone."""
-    repo, env = pipeline_repo(tmp_path, f"configs/{face}.yaml", FACE_SHRINK, {"loofid": {"fid_advantage_weight": 2.0}})
+def test_dvc_repro_runs_the_text_to_image_face(tmp_path: Path) -> None:
+    """The same dvc.yaml runs LlamaGen T2I (prompts with cached features), chosen by params alone (the VAR face
+    runs as a queued experiment in the test above)."""
+    repo, env = pipeline_repo(tmp_path, "configs/embedded_t2i.yaml", FACE_SHRINK,
+                              variants={"loofid": {"fid_advantage_weight": 2.0}})
     done = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     for stage in ["prepare", "prompts", "pretrain", "judge", "ref_stats", "grpo@loofid-0", "sample", "evaluate",
                   "report"]:
@@ -151,13 +157,9 @@ def test_dvc_repro_runs_the_text_to_image_and_var_faces(tmp_path: Path, face: st
     results = (repo / "reports/results.md").read_text()
     with np.load(repo / "samples/base_nocfg.npz") as z:
         conditions, labels = z["conditions"], z["labels"]
-    if face == "embedded_t2i":
-        # 160 evaluation prompts, each labelled with its digit; 8 caption rows + 15 decode steps per image
-        assert conditions.max() == 39 and (labels == np.tile(np.repeat(np.arange(10), 2), 8)[conditions]).all()
-        assert metrics["base_nocfg"]["forward_passes_per_image"] == 8 + 16 - 1
-        assert "Prompt acc." in results and "evaluation prompts" in results
-    else:
-        assert (labels == conditions).all() and metrics["base_nocfg"]["forward_passes_per_image"] == 4  # 4 scales
-        assert "VAR preset `small`" in results and "scales 1, 2, 3, 4" in results
+    # 160 evaluation prompts, each labelled with its digit; 8 caption rows + 15 decode steps per image
+    assert conditions.max() == 39 and (labels == np.tile(np.repeat(np.arange(10), 2), 8)[conditions]).all()
+    assert metrics["base_nocfg"]["forward_passes_per_image"] == 8 + 16 - 1
+    assert "Prompt acc." in results and "evaluation prompts" in results
     assert (repo / "reports/grids/grpo_loofid_s0_nocfg.png").exists()
     assert (repo / "models/grpo/loofid_s0/policy.pt").exists()
