@@ -152,12 +152,14 @@ def doctor(params: Path = typer.Option(Path("params.yaml"), help="params file to
         raise typer.Exit(2) from None
     model, weights = p.model, p.weights
     needed = needed_weights(model.source, p.instance_rewards(), p.ref_stats.features, weights.ref_stats,
-                            p.ref_stats.reward_features)
-    typer.echo(f"model: {model.gpt_preset} + {model.vq_preset} at {model.image_size}px, source: {model.source}")
+                            text_encoder=p.prompts.encoder if model.text_conditional else "", scores=p.evaluate.scores,
+                            reward_features=p.ref_stats.reward_features)
+    typer.echo(f"model: {model.family} {model.gpt_preset} + {model.vq_preset} at {model.image_size}px, "
+               f"source: {model.source}")
     if not needed:
         typer.echo("this configuration reads no external files (embedded default): nothing to check")
         return
-    checks = check_weights(weights, needed, model_shapes(model.gpt(), model.vq()))
+    checks = check_weights(weights, needed, model_shapes(model.network(), model.tokenizer()), model.family)
     for check in checks:
         mark = "ok  " if check.ok else "FAIL"
         typer.echo(f"[{mark}] {check.message}")

@@ -453,8 +453,9 @@ def bootstrap_loo_fid(run: GRPORun, loo_fid: LooFidReward, cfg: GRPOConfig) -> N
     loo_fid.bootstrap(features, global_sums(feature_sums(features)))
 
 
-def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
-    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+def check_finite_weights(state: Mapping[str, torch.Tensor], what: str, names: set[str]) -> None:
+    """Refuse non-finite values in the parameters `names` of `state` (buffers such as masks may hold -inf)."""
+    bad = [key for key in names if state[key].is_floating_point() and not torch.isfinite(state[key]).all()]
     if bad:
         raise NonFiniteError(f"{what} holds non-finite values in {len(bad)} tensor(s) ({', '.join(bad[:5])}); "
                              "not written")
@@ -518,7 +519,7 @@ def train_grpo(
     bar.close()
     weights = full_state(policy.net.state_dict())
     if main:
-        check_finite_weights(weights, "the fine-tuned policy")
+        check_finite_weights(weights, "the fine-tuned policy", {name for name, _ in policy.net.named_parameters()})
         write_curves(curves_path, run.history)
         save_checkpoint(out_dir / "policy.pt", weights)
     barrier()

@@ -70,6 +70,17 @@ class Policy(nn.Module, ABC):
     def forward_passes(self, sampling) -> float:
         """Network forward passes (sequence rows) one image costs under `sampling`: the inference cost."""
 
+    def labels(self, conditions: torch.Tensor) -> torch.Tensor:
+        """The class of each condition id [N] -> [N] long, -1 where a condition has none.
+
+        For class-conditional families, the class label the network is conditioned on (a (class, style)
+        pair's class); for text-to-image, the class a prompt asks for when its prompt set says (the digit
+        of a digit prompt). The sample stage writes these beside the images, so evaluation's class (prompt)
+        accuracy needs nothing else. This default knows no classes.
+        """
+        self.check_conditions(conditions)
+        return torch.full_like(conditions, -1)
+
     def check_conditions(self, conditions: torch.Tensor) -> None:
         if conditions.numel() and (int(conditions.min()) < 0 or int(conditions.max()) >= self.num_conditions):
             bad = conditions[(conditions < 0) | (conditions >= self.num_conditions)][0].item()

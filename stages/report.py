@@ -6,9 +6,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-from common import params, run_stage, stage, write_json
+from common import condition_set, params, run_stage, stage, write_json
 
-from argrpo.report import environment, fmt, image_grid, plot_curves, plot_fid_recall, results_table
+from argrpo.report import environment, fmt, image_grid, plot_curves, plot_fid_recall, prompt_grid, results_table
 
 REPORTS = Path("reports")
 
@@ -60,6 +60,20 @@ def findings(m: dict, judge: dict, floor: dict) -> list[str]:
     return out
 
 
+def generator_line(p, conditions: int) -> str:
+    m, d = p.model, p.data
+    if m.family == "var":
+        scales = ", ".join(str(n) for n in m.msvq().patch_nums)
+        return (f"Generator: VAR preset `{m.gpt_preset}` over the multi-scale VQVAE `{m.vq_preset}` (scales {scales}), "
+                f"{m.image_size} px, {m.num_classes} classes (data: `{d.kind}`).")
+    if m.text_conditional:
+        return (f"Generator: LlamaGen text-to-image GPT preset `{m.gpt_preset}` ({m.cls_token_num} caption positions "
+                f"of {m.caption_dim}-d text features, encoder `{p.prompts.encoder}`), VQ preset `{m.vq_preset}`, "
+                f"{m.image_size} px (data: `{d.kind}`), {conditions} evaluation prompts (`{p.prompts.eval}`).")
+    return (f"Generator: GPT preset `{m.gpt_preset}`, VQ preset `{m.vq_preset}`, {m.image_size} px, "
+            f"{m.num_classes} classes (data: `{d.kind}`).")
+
+
 def main() -> None:
     started = time.perf_counter()
     p = params()
@@ -69,9 +83,14 @@ def main() -> None:
         judge_file = REPORTS / "judge.json"
         judge = json.loads(judge_file.read_text()) if judge_file.exists() else {}
         (REPORTS / "grids").mkdir(exist_ok=True)
+        evaluation = condition_set("eval")
+        plain_classes = evaluation.features is None and len(evaluation) == int(evaluation.classes.max()) + 1
         for npz in sorted(Path("samples").glob("*.npz")):
             with np.load(npz) as z:
-                image_grid(z["images"], z["labels"]).save(REPORTS / "grids" / f"{npz.stem}.png")
+                # one row per class; prompts and (class, style) pairs: one row per condition, labelled with its prompt
+                grid = (image_grid(z["images"], z["labels"]) if plain_classes
+                        else prompt_grid(z["images"], z["conditions"], evaluation.prompts))
+                grid.save(REPORTS / "grids" / f"{npz.stem}.png")
         curves = sorted((REPORTS / "grpo").glob("*.csv"))
         if curves:
             plot_curves(curves, REPORTS / "grpo_curves.png")
@@ -83,11 +102,12 @@ def main() -> None:
         timings["total"] = round(sum(timings.values()), 1)
         write_json(REPORTS / "timings.json", timings)
         m, d, s = p.model, p.data, p.sample
+        grid_rows = "one row per class" if plain_classes else "one row per condition, labelled with its prompt"
         lines = [
             "# Results",
             "",
-            f"Generator: GPT preset `{m.gpt_preset}`, VQ preset `{m.vq_preset}`, {m.image_size} px, "
-            f"{m.num_classes} classes (data: `{d.kind}`). {s.num_images} class-balanced samples per "
+            f"{generator_line(p, len(evaluation))} {s.num_images} "
+            f"{'prompt' if m.text_conditional else 'class'}-balanced samples per "
             f"configuration; base CFG scale {s.cfg_scale}; temperature {s.temperature}, top-k {s.top_k}, "
             f"top-p {s.top_p}.",
             "",
@@ -97,7 +117,8 @@ def main() -> None:
             f"precision / recall k = {p.evaluate.k}. Rewards never read the evaluation network: the "
             "LOO-FID reward uses the reward classifier's features, so the FID reported is not the FID optimised.",
             "",
-            results_table(metrics, seeds.get("std_over_seeds", {})),
+            results_table(metrics, seeds.get("std_over_seeds", {}),
+                          "Prompt acc. ↑" if m.text_conditional else "Class acc. ↑"),
             "",
             "## What the numbers show",
             "",
@@ -114,7 +135,7 @@ def main() -> None:
             "",
             "![FID against recall](fid_vs_recall.png)",
             "",
-            "Sample grids (one row per class): " + ", ".join(
+            f"Sample grids ({grid_rows}): " + ", ".join(
                 f"[{n.stem}](grids/{n.name})" for n in sorted((REPORTS / "grids").glob("*.png"))),
             "",
         ]

@@ -37,6 +37,12 @@ BAD = [
     ("data.roots", "x", "is not a known parameter"),
     ("model.gpt_preset", "GPT-Z", "must be one of"),
     ("model.vq_preset", "VQ-32", "must be one of"),
+    ("model.family", "dalle", "must be one of llamagen, llamagen_t2i, var, got 'dalle'"),
+    ("model.gpt_preset", "VAR-d16", "must be one of GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, small, tiny for family "
+                                    "llamagen, got 'VAR-d16'"),
+    ("model.vq_preset", "VAR-VQVAE", "must be one of VQ-16, VQ-8, small, tiny for family llamagen"),
+    ("model.cls_token_num", 0, "must be >= 1, got 0"),
+    ("model.caption_dim", "wide", "must be an integer, got 'wide'"),
     ("model.image_size", 15, "must be divisible by the tokenizer's downsampling"),
     ("model.num_classes", 10.0, "must be an integer, got 10.0"),
     ("model.source", "hub", "must be 'embedded' or 'weights', got 'hub'"),
@@ -48,6 +54,19 @@ BAD = [
     ("weights.inception", None, "must be a string, got None"),
     ("weights.inception", 5, "must be a string, got 5"),
     ("weights.inception_path", "x", "is not a known parameter"),
+    ("weights.t5_dir", 3, "must be a string, got 3"),
+    ("weights.qwen_vl_dir", None, "must be a string, got None"),
+    ("prompts.train", "coco", "must be classes, digits or a prompt file (.txt or .jsonl), got 'coco'"),
+    ("prompts.eval", "prompts.csv", "must be classes, digits or a prompt file"),
+    ("prompts.template", "a photo", "must contain {name} (the class name) and no {style}"),
+    ("prompts.style_template", "a {name} in ink", "must contain {name} and {style}"),
+    ("prompts.styles", ["ink", "ink"], "must not repeat a style"),
+    ("prompts.eval_styles", [""], "must be non-empty strings"),
+    ("prompts.styles", "ink", "must be a list, got 'ink'"),
+    ("prompts.encoder", "clip", "must be one of stand_in, t5, got 'clip'"),
+    ("prompts.feature_dtype", "bfloat16", "must be one of float16, float32"),
+    ("prompts.batch_size", 0, "must be >= 1, got 0"),
+    ("prompts.max_length", 16, "is not a known parameter"),
     ("pretrain.seed", -1, "must be >= 0, got -1"),
     ("pretrain.vq.steps", 0, "must be >= 1, got 0"),
     ("pretrain.vq.lr", "fast", "must be a finite number, got 'fast'"),
@@ -128,6 +147,17 @@ BAD = [
     ("grpo_runs.variants.loofid.typo", 1, "is not a known parameter"),
     ("grpo_runs.variants.bad/name", {}, "must be named with letters, digits, - and _ only"),
     ("grpo_runs.extra", 1, "is not a known parameter"),
+    ("reward_options.clip.scale", 0, "must be > 0, got 0"),
+    ("reward_options.hpsv2.scale", "x5", "must be a finite number, got 'x5'"),
+    ("reward_options.clip.sclae", 5, "is not a known parameter; valid keys of reward_options.clip: batch_size, scale"),
+    ("reward_options.vlm_judge.mode", "chat", "must be one of generate, logits, got 'chat'"),
+    ("reward_options.vlm_judge.judge", "pretty", "must be one of faithfulness, fake, weird, got 'pretty'"),
+    ("reward_options.vlm_fake.max_attempts", 0, "must be >= 1, got 0"),
+    ("reward_options.vlm_fake.judge", "weird", "is not a known parameter"),
+    ("reward_options.vlm_faithfulness.dtype", "int8", "must be one of bfloat16, float16, float32, got 'int8'"),
+    ("reward_options.maniqa.crops", 0, "must be >= 1, got 0"),
+    ("reward_options.aesthetic.batch_size", 2.5, "must be an integer, got 2.5"),
+    ("reward_options.loo_fid", {}, "is not a known parameter"),
     ("sample.num_images", 1, "must be >= 2, got 1"),
     ("sample.cfg_scale", 1.0, "must be > 1 (the guided row of the base model), got 1.0"),
     ("sample.temperature", -1, "must be > 0, got -1"),
@@ -136,6 +166,8 @@ BAD = [
     ("evaluate.k", 0, "must be >= 1, got 0"),
     ("evaluate.is_splits", 2.0, "must be an integer, got 2.0"),
     ("evaluate.batch_sizes", 2, "is not a known parameter"),
+    ("evaluate.scores", ["fid"], "must name scores among clip, hpsv2, aesthetic"),
+    ("evaluate.scores", ["clip", "clip"], "must not repeat a score"),
 ]
 
 # settings valid on their own that contradict another section
@@ -149,7 +181,36 @@ ACROSS = [
      "grpo_runs.variants.loofid.batch_classes must be divisible by the number of processes (2"),
     ({"judge.enabled": False}, "judge.enabled must be true when ref_stats.features or a GRPO reward is classifier"),
     ({"bogus_section": {}}, "bogus_section is not a known section"),
+    # a model family takes its own presets, image size, prompts and sampling
+    ({"model.family": "var", "model.gpt_preset": "GPT-B"}, "model.gpt_preset must be one of VAR-d16, VAR-d20, "
+     "VAR-d24, VAR-d30, small, tiny for family var, got 'GPT-B'"),
+    ({"model.family": "var", "model.vq_preset": "VQ-16"}, "model.vq_preset must be one of VAR-VQVAE, small, tiny "
+     "for family var"),
+    ({"model.family": "var", "model.vq_preset": "VAR-VQVAE"}, "model.image_size must be 256 for the multi-scale "
+     "VQVAE preset VAR-VQVAE"),
+    ({"model.family": "var", "grpo.sampling.cfg_interval": 3}, "grpo.sampling.cfg_interval must be -1 for "
+     "model.family var (VAR guides every scale on its ramp), got 3"),
+    ({"model.family": "llamagen_t2i"}, "prompts.train must be digits or a prompt file for model.family llamagen_t2i"),
+    ({"prompts.eval": "digits"}, "prompts.eval must be classes for model.family llamagen"),
+    ({"model.family": "llamagen_t2i", "prompts.train": "digits", "prompts.eval": "digits"},
+     "model.caption_dim must be 64, the stand-in text encoder's width (prompts.encoder stand_in), got 2048"),
+    ({"model.family": "llamagen_t2i", "model.caption_dim": 64, "prompts.train": "digits", "prompts.eval": "a.txt",
+      "prompts.styles": ["ink"]},
+     "prompts.styles must be empty for model.family llamagen_t2i"),
+    ({"model.family": "llamagen_t2i", "model.caption_dim": 64, "prompts.train": "digits", "prompts.eval": "digits",
+      "data.kind": "folder", "data.root": "images"}, "prompts.train must not be digits unless data.kind is digits"),
 ]
+
+
+def test_a_family_is_chosen_by_params_alone():
+    """The shipped embedded VAR and text-to-image params differ from the default only where they must."""
+    var = parse_params(read_params(ROOT / "configs/embedded_var.yaml"))
+    t2i = parse_params(read_params(ROOT / "configs/embedded_t2i.yaml"))
+    assert (var.model.family, t2i.model.family, parse_params(DEFAULT).model.family) == ("var", "llamagen_t2i",
+                                                                                         "llamagen")
+    assert var.model.network().num_tokens == 30 and var.model.tokenizer().patch_nums == (1, 2, 3, 4)
+    assert (t2i.model.gpt().model_type, t2i.model.gpt().cls_token_num, t2i.prompts.train) == ("t2i", 8, "digits")
+    assert parse_params(with_values({"model.family": "var"})).model.var().depth == 4  # one key switches the family
 
 
 def with_values(values: dict) -> dict:

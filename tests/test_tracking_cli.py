@@ -443,3 +443,24 @@ def test_runs_on_a_missing_store_reports_it_and_creates_nothing(tmp_path, monkey
     result = CliRunner().invoke(app, ["runs"])
     assert result.exit_code == 0 and "no runs in" in result.output
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("config, files", [
+    ("var_d16_256", ["var_d16.pth", "vae_ch160v4096z32.pth", "sac+logos+ava1-l14-linearMSE.pth"]),
+    ("llamagen_t2i_xl_256", ["t2i_XL_stage1_256.pt", "vq_ds16_t2i.pt", "google/flan-t5-xl",
+                             "Qwen2.5-VL-3B-Instruct", "HPS_v2.1_compressed.pt", "ckpt_koniq10k.pt"]),
+])
+def test_doctor_knows_the_files_of_var_and_text_to_image(tmp_path, config, files):
+    params = yaml.safe_load((Path(__file__).resolve().parents[1] / f"configs/{config}.yaml").read_text())
+    params["weights"] = {k: str(tmp_path / "nope" / Path(v).name) if v and k != "clip_model" else v
+                         for k, v in params["weights"].items()}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(app, ["doctor", "--params", str(tmp_path / "params.yaml")])
+    assert result.exit_code == 1, result.output
+    assert result.output.startswith(f"model: {params['model']['family']} {params['model']['gpt_preset']}")
+    for name in files:
+        assert name in result.output, name
+    if config.startswith("llamagen_t2i"):
+        for param in ("t5_dir", "qwen_vl_dir", "maniqa_weights", "clip_weights", "hpsv2_weights"):
+            assert f"weights.{param}: folder not found" in result.output or f"weights.{param}: file not found" \
+                in result.output, param

@@ -32,6 +32,10 @@ REWARDS: dict[str, str] = {
     "maniqa": "argrpo.rewards.maniqa:ManiqaReward",
     "aesthetic": "argrpo.rewards.aesthetic:AestheticReward",
     "vlm_judge": "argrpo.rewards.vlm_judge:VlmJudgeReward",
+    # AR-GRPO's three judges under their own names, so that one run can weight all three
+    "vlm_faithfulness": "argrpo.rewards.vlm_judge:FaithfulnessJudgeReward",
+    "vlm_fake": "argrpo.rewards.vlm_judge:FakeJudgeReward",
+    "vlm_weird": "argrpo.rewards.vlm_judge:WeirdJudgeReward",
 }
 
 
