@@ -116,8 +116,7 @@ class GRPOConfig:
         require(self.kl_beta >= 0, "kl_beta", "must be >= 0", self.kl_beta)
         require(self.reference in REFERENCES, "reference", f"must be one of {', '.join(REFERENCES)}",
                 self.reference)
-        if self.reference == "ema":
-            require(0 <= self.ref_ema_decay < 1, "ref_ema_decay", "must be in [0, 1)", self.ref_ema_decay)
+        require(0 <= self.ref_ema_decay < 1, "ref_ema_decay", "must be in [0, 1)", self.ref_ema_decay)
         require(self.ratio_level in RATIO_LEVELS, "ratio_level", f"must be one of {', '.join(RATIO_LEVELS)}",
                 self.ratio_level)
         for name, weight in self.rewards.items():

@@ -247,11 +247,12 @@ def test_contradicting_sections_are_refused(values, message):
 
 
 def test_floats_in_exponent_form_mean_the_float():
-    text = (ROOT / "params.yaml").read_text().replace("lr: 0.0001", "lr: 5e-05")  # as `dvc exp run -S` writes it
-    raw = yaml.safe_load(text)
-    assert raw["grpo"]["lr"] == "5e-05"  # YAML 1.1 reads an exponent without a dot as a string
+    text = (ROOT / "params.yaml").read_text()
+    assert "  lr: 5.0e-05\n" in text
+    raw = yaml.safe_load(text.replace("  lr: 5.0e-05\n", "  lr: 2e-05\n"))  # as `dvc exp run -S` writes it
+    assert raw["grpo"]["lr"] == "2e-05"  # YAML 1.1 reads an exponent without a dot as a string
     p = parse_params(raw)
-    assert p.grpo.lr == 5e-5 and all(p.grpo_variant(v, 0).lr == 5e-5 for v in p.grpo_runs.variants)
+    assert p.grpo.lr == 2e-5 and all(p.grpo_variant(v, 0).lr == 2e-5 for v in p.grpo_runs.variants)
     p = parse_params(with_values({"grpo.rewards.classifier": "2e0", "grpo.steps": 80, "grpo.kl_beta": 1}))
     assert p.grpo.rewards == {"classifier": 2.0} and p.grpo.kl_beta == 1.0
 
