@@ -254,7 +254,8 @@ def test_floats_in_exponent_form_mean_the_float():
     p = parse_params(raw)
     assert p.grpo.lr == 2e-5 and all(p.grpo_variant(v, 0).lr == 2e-5 for v in p.grpo_runs.variants)
     p = parse_params(with_values({"grpo.rewards.classifier": "2e0", "grpo.steps": 80, "grpo.kl_beta": 1}))
-    assert p.grpo.rewards == {"classifier": 2.0} and p.grpo.kl_beta == 1.0
+    assert p.grpo.rewards["classifier"] == 2.0 and type(p.grpo.rewards["classifier"]) is float
+    assert p.grpo.kl_beta == 1.0 and type(p.grpo.kl_beta) is float
 
 
 def test_the_shipped_params_files_are_valid():
