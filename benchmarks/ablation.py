@@ -99,15 +99,36 @@ def base_rows() -> dict:
             "base_nocfg": score(policy, p, p.sample.sampling(1.0))}
 
 
+def change(override: dict) -> str:
+    """An ablation's partial grpo section as one line of dotted keys."""
+    flat = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            walk(v, f"{prefix}{k}.") if isinstance(v, dict) else flat.__setitem__(f"{prefix}{k}", v)
+
+    walk(override or {}, "")
+    return ", ".join(f"`{k}: {v}`" for k, v in flat.items())
+
+
 def table(results: dict) -> str:
-    lines = ["| ablation | seeds | " + " | ".join(KEYS) + " |", "|---|---|" + "---|" * len(KEYS)]
+    env = results.get("environment", {})
+    lines = ["# Ablations of the embedded default's GRPO recipe", "",
+             "Written by `benchmarks/ablation.py benchmarks/ablations.yaml` in a pipeline workspace. Every row but the "
+             "base rows is a partial `grpo` section laid over params.yaml's, trained on seeds "
+             f"{sorted({r['seed'] for r in results['runs']})} (never the pipeline's own seeds), sampled without CFG "
+             "with the sample stage's settings in one process, and scored by the evaluation network as the "
+             "evaluate stage scores it (mean ± std over seeds). The base rows are the same base model sampled "
+             "the same way. Environment: " + ", ".join(f"{k} {v}" for k, v in env.items()) + ".", "",
+             "| ablation | what it sets | seeds | " + " | ".join(KEYS) + " |", "|---|---|---|" + "---|" * len(KEYS)]
     for name, row in results["base"].items():
-        lines.append(f"| {name} | – | " + " | ".join(f"{row[k]:.3f}" for k in KEYS) + " |")
+        lines.append(f"| {name} | | – | " + " | ".join(f"{row[k]:.3f}" for k in KEYS) + " |")
     names = list(dict.fromkeys(r["ablation"] for r in results["runs"]))
     for name in names:
         rows = [r for r in results["runs"] if r["ablation"] == name]
         cells = [f"{np.mean([r[k] for r in rows]):.3f} ± {np.std([r[k] for r in rows]):.3f}" for k in KEYS]
-        lines.append(f"| {name} | {len(rows)} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {change(results.get('ablations', {}).get(name))} | {len(rows)} | "
+                     + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -131,9 +152,10 @@ def main() -> None:
             if (name, seed) not in done]
     if "base" not in results:
         results["base"] = base_rows()
-    results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
-                              "cpu": platform.processor() or platform.machine(), "threads_per_run": 1,
-                              "jobs": args.jobs, "cpus": os.cpu_count()}
+    if jobs or "environment" not in results:  # a rewrite of the table keeps the environment the runs had
+        results["environment"] = {"torch": torch.__version__, "python": platform.python_version(),
+                                  "cpu": platform.processor() or platform.machine(), "threads_per_run": 1,
+                                  "jobs": args.jobs, "cpus": os.cpu_count()}
     results["ablations"] = {**results.get("ablations", {}), **ablations}
 
     def save() -> None:
