@@ -59,14 +59,15 @@ def write_json(path: str | Path, data: dict) -> None:
 
 
 @contextmanager
-def stage(name: str, logged_params: dict | None = None, run_name: str | None = None
-          ) -> Iterator[tracking.StageRun]:
-    """Time the stage into reports/timings/<name>.json and open its MLflow run."""
+def stage(name: str, logged_params: dict | None = None, run_name: str | None = None,
+          resume_run_id: str | None = None) -> Iterator[tracking.StageRun]:
+    """Time the stage into reports/timings/<name>.json and open its MLflow run (reopen `resume_run_id`)."""
     # small models on few cores: extra intra-op threads spin against each other and against other
     # processes (queued experiments, parallel stages) and cost far more than they give
     torch.set_num_threads(int(os.environ.get("ARGRPO_THREADS", "1")))
     start = time.perf_counter()
-    with tracking.stage_run(name.split("@")[0], logged_params, run_name=run_name or name) as run:
+    with tracking.stage_run(name.split("@")[0], logged_params, run_name=run_name or name,
+                            resume_run_id=resume_run_id) as run:
         yield run
         seconds = time.perf_counter() - start
         run.log_metrics({"stage_seconds": seconds})

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -101,6 +102,8 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     second = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout
 
+    killed_dvc_repro_resumes_grpo(repo, env)
+
     # sweeps: two queued experiments run in copies through the DVC queue and report to the same store; one
     # switches the model family by params alone (VAR, with VAR's base CFG), the same dvc.yaml running it
     run(["git", "add", "-A"], repo, env)
@@ -128,6 +131,66 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     assert set(var["params.model.family"]) == {"var"}
     lower = queued[queued["tags.dvc_exp_name"] == "lower-lr"]
     assert set(lower["metrics.optim/lr"]) == {2e-5}, lower["metrics.optim/lr"]  # the run trained at that lr
+
+
+def kill_grpo_after_a_checkpoint(repo: Path, env: dict, rows: int) -> str:
+    """Start `dvc repro grpo@instance-0`, SIGTERM the whole process group (dvc, torchrun, the workers) once
+    its curves hold `rows` checkpointed steps; the MLflow run id the attempt logged to."""
+    run_dir = repo / "models/grpo/instance_s0"
+    (run_dir / "curves.csv").unlink(missing_ok=True)  # the last attempt's; this one starts afresh (params changed)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "grpo@instance-0"], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        for _ in range(1200):
+            curves = run_dir / "curves.csv"
+            if curves.exists() and len(curves.read_text().splitlines()) > rows:
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    return json.loads((run_dir / "resume.json").read_text())["run_id"]
+
+
+def killed_dvc_repro_resumes_grpo(repo: Path, env: dict) -> None:
+    """A killed `dvc repro` resumes GRPO at its checkpoint in the same MLflow run, which ends FINISHED with the
+    whole curve; a params change between the kill and the rerun starts afresh in a new run."""
+    import mlflow
+
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["grpo"].update(steps=24, checkpoint_every=3)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    killed = kill_grpo_after_a_checkpoint(repo, env, rows=6)
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    # KILLED by the stage's signal handler, or, when the SIGTERM found the workers inside a collective and
+    # torchrun's SIGKILL followed, marked KILLED by the next stage that opens a run (`mark_dead_runs`)
+    assert client.get_run(killed).info.status in ("KILLED", "RUNNING")
+    rerun = run([sys.executable, "-m", "dvc", "repro", "grpo@instance-0"], repo, env)
+    assert "resuming from models/grpo/instance_s0/state.pt" in rerun.stdout + rerun.stderr
+    resumed = client.get_run(killed)
+    assert resumed.info.status == "FINISHED" and resumed.data.tags["argrpo.attempts"] == "2"
+    steps = {m.step for m in client.get_metric_history(killed, "reward/composite_mean")}
+    assert steps == set(range(24)), sorted(steps)  # one run holds the whole curve
+    curves = (repo / "models/grpo/instance_s0/curves.csv").read_text().splitlines()
+    assert len(curves) == 25
+
+    for factor in (2, 3):  # killed with one lr, rerun with another
+        params["grpo"]["lr"] = factor * float(yaml.safe_load(original)["grpo"]["lr"])
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        if factor == 2:
+            killed = kill_grpo_after_a_checkpoint(repo, env, rows=3)
+    rerun = run([sys.executable, "-m", "dvc", "repro", "grpo@instance-0"], repo, env)
+    assert "starting the run afresh" in rerun.stderr, rerun.stderr[-3000:]
+    fresh = json.loads((repo / "models/grpo/instance_s0/resume.json").read_text())["run_id"]
+    assert fresh != killed and client.get_run(fresh).info.status == "FINISHED"
+    running = mlflow.search_runs(experiment_names=["argrpo"], filter_string="attributes.status = 'RUNNING'")
+    assert running.empty, running[["tags.mlflow.runName"]]
+    (repo / "params.yaml").write_text(original)
+    run([sys.executable, "-m", "dvc", "repro"], repo, env)
 
 
 # the text-to-image face, shrunk further: one GRPO variant (with LOO-FID), fewer samples
