@@ -12,6 +12,7 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from argrpo.classifier import DigitClassifier
 from argrpo.config import Int, require
@@ -96,22 +97,28 @@ class ClassifierFeatures:
 
 
 def extract(
-    extractor: FeatureExtractor, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 1000
+    extractor: FeatureExtractor, images: torch.Tensor | Iterable[torch.Tensor], batch_size: int = 1000,
+    desc: str | None = None, total: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Features [N, F] and class probabilities [N, C] as float32 numpy arrays.
 
     `images` is one tensor [N, 3, H, W] or an iterable of such batches (e.g. a generator sampling
-    them lazily), so large sample sets never need to sit in memory as images at once.
+    them lazily), so large sample sets never need to sit in memory as images at once. `desc`: show a
+    progress bar in images (of `total`, known for a tensor), on stderr.
     """
     if isinstance(images, torch.Tensor):
         batches: Iterable[torch.Tensor] = images.split(batch_size)
+        total = images.shape[0]
     else:
         batches = images
+    bar = tqdm(total=total, desc=desc, unit="img", disable=desc is None)
     features, probs = [], []
     for batch in batches:
+        bar.update(batch.shape[0])
         f, p = extractor.features_and_probs(batch)
         features.append(f.cpu().numpy().astype(np.float32))
         probs.append(p.cpu().numpy().astype(np.float32))
+    bar.close()
     if not features:
         raise ValueError("extract got no images")
     return np.concatenate(features), np.concatenate(probs)

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from argrpo.data import to_tensor, to_uint8
 
@@ -125,7 +126,8 @@ def load_adm_reference(npz_path: str, extractor=None, batch_size: int = 500) -> 
         reference = {"mu": data["mu"].astype(np.float64), "sigma": data["sigma"].astype(np.float64)}
     if extractor is not None:
         chunks = []
-        for pixels in _npz_rows(npz_path, "arr_0", batch_size):  # pixels: [n, H, W, 3] uint8
+        rows = tqdm(_npz_rows(npz_path, "arr_0", batch_size), desc="reference images", unit="batch")
+        for pixels in rows:  # pixels: [n, H, W, 3] uint8
             if pixels.ndim != 4 or pixels.shape[-1] != 3 or pixels.dtype != np.uint8:
                 raise ValueError(f"{npz_path}:arr_0 must be uint8 [N, H, W, 3], got {pixels.dtype} {pixels.shape}")
             chunks.append(extractor.features(to_tensor(pixels.copy())).cpu().numpy().astype(np.float32))

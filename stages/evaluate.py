@@ -31,7 +31,7 @@ def evaluate_config(npz: Path, extractor, ref: dict, cfg: EvaluateConfig, scorer
     with np.load(npz) as z:
         images, labels = to_tensor(z["images"]), z["labels"]
         conditions = torch.from_numpy(z["conditions"] if "conditions" in z.files else z["labels"])
-    features, probs = extract(extractor, images)
+    features, probs = extract(extractor, images, desc=f"evaluate {npz.stem}")
     row = compute_metrics(ref["features"], features, probs, ref["mu"], ref["sigma"], k=cfg.k, splits=cfg.is_splits)
     known = labels >= 0  # images whose condition has a class
     row["class_accuracy"] = (float((probs.argmax(1)[known] == labels[known]).mean())
@@ -82,8 +82,8 @@ def main() -> None:
         # slightly higher FID than the same number of real images would give)
         data = load_dataset("data/dataset.npz")
         held, held_labels = data.part("holdout")
-        floor = compute_metrics(ref["features"], *extract(eval_x, held), ref["mu"], ref["sigma"], k=cfg.k,
-                                splits=cfg.is_splits)
+        floor = compute_metrics(ref["features"], *extract(eval_x, held, desc="held-out real"), ref["mu"],
+                                ref["sigma"], k=cfg.k, splits=cfg.is_splits)
         floor["images"] = len(held_labels)
         write_json("reports/metrics.json", metrics)
         write_json("reports/metrics_seeds.json", {"per_run": rows, "std_over_seeds": spread,

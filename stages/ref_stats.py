@@ -31,7 +31,7 @@ def main() -> None:
             np.savez("data/ref_stats.npz", **ref)
             run.log_metrics({"ref_images": len(ref.get("features", []))})
         else:
-            save_ref_stats("data/ref_stats.npz", *extract(eval_x, to_tensor(data.images)))
+            save_ref_stats("data/ref_stats.npz", *extract(eval_x, to_tensor(data.images), desc="ref_stats"))
             run.log_metrics({"ref_images": len(data.labels)})
         if shared and p.weights.ref_stats:  # LOO-FID compares against the same reference moments
             np.savez("data/reward_ref_stats.npz", mu=ref["mu"], sigma=ref["sigma"])
