@@ -88,8 +88,13 @@ def main() -> None:
         write_json("reports/metrics.json", metrics)
         write_json("reports/metrics_seeds.json", {"per_run": rows, "std_over_seeds": spread,
                                                   "real_holdout": floor})
-        for name, row in metrics.items():
-            run.log_metrics({f"{name}.{k}": v for k, v in row.items()})
+        for name, row in metrics.items():  # `<configuration>/<metric>`: the UI groups the charts by configuration
+            run.log_metrics({f"{name}/{k}": v for k, v in row.items()})
+        for name, row in rows.items():  # every evaluated sample set (each seed) as a child run, to compare in the UI
+            seeded = re.fullmatch(r"grpo_(.+)_s(\d+)_nocfg", name)
+            tags = {"configuration": name, **({"variant": seeded.group(1), "seed": seeded.group(2)} if seeded else {})}
+            with run.child(name, params={"sample": p.raw.get("sample")}, tags=tags) as child:
+                child.log_metrics({k: v for k, v in row.items() if isinstance(v, (int, float))})
         print(json.dumps(metrics, indent=1))
     cleanup()
 

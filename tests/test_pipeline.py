@@ -94,8 +94,14 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     runs = mlflow.search_runs(experiment_names=["argrpo"])
     stages = set(runs["tags.stage"].dropna())
     assert {"prepare", "pretrain", "judge", "ref_stats", "grpo", "sample", "evaluate", "report"} <= stages
-    children = runs[runs["tags.stage"].notna()]
+    nested = runs["tags.argrpo.child"].notna() if "tags.argrpo.child" in runs else runs["tags.stage"].isna()
+    children = runs[runs["tags.stage"].notna() & ~nested]
     assert children["tags.mlflow.parentRunId"].nunique() == 1  # one parent run groups this repro
+    [evaluate_id] = children[children["tags.stage"] == "evaluate"]["run_id"]
+    per_run = runs[runs["tags.mlflow.parentRunId"] == evaluate_id]  # one child run per evaluated sample set
+    assert set(per_run["tags.configuration"]) == {"base_cfg", "base_nocfg", "grpo_instance_s0_nocfg",
+                                                 "grpo_loofid_s0_nocfg"}
+    assert per_run["metrics.fid"].notna().all() and set(per_run["status"]) == {"FINISHED"}
     grpo_runs = children[children["tags.stage"] == "grpo"]
     assert grpo_runs["metrics.entropy/coef"].notna().all()  # metric keys keep their '/' for MLflow's grouping
 
