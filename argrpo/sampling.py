@@ -152,12 +152,23 @@ def prefill_and_pick(model: GPT, cond: torch.Tensor, positions: torch.Tensor, ca
     return pick_token(model.prefill_at(cond, positions, cache), noise, N, cfg, guide)
 
 
-def decode_and_pick(model: GPT, token: torch.Tensor, position: torch.Tensor, cache: KVCache,
+def decode_and_pick(model: GPT, token: torch.Tensor, position: torch.Tensor, length: int, cache: KVCache,
                     noise: torch.Tensor, N: int, cfg: SamplingConfig,
                     guide: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token t-1 [N] into the cache at `position` [1], then token t and its log-prob [N]: one graph per step."""
-    logits = model.decode_at(token.repeat(2) if cfg.guided else token, position, cache)  # [N or 2N, V]
+    """Token t-1 [N] into the cache at `position` [1], attending to the first `length` positions, then token t
+    and its log-prob [N]: one graph per step."""
+    logits = model.decode_at(token.repeat(2) if cfg.guided else token, position, cache, length)  # [N or 2N, V]
     return pick_token(logits, noise, N, cfg, guide)
+
+
+KV_BLOCK = 32  # compiled decoding attends to the cache in whole blocks of this many positions
+
+
+def attended_length(position: int, max_len: int) -> int:
+    """Cache positions the compiled decode step at `position` attends to: position + 1 rounded up to whole
+    KV_BLOCKs. The keys read grow with the position (at most KV_BLOCK - 1 masked ones), as in eager
+    decoding, for max_len / KV_BLOCK shapes in all (one CUDA graph each)."""
+    return min(max_len, -(-(position + 1) // KV_BLOCK) * KV_BLOCK)
 
 
 # the compiled step functions by mode; dynamo keeps a graph per model shape, batch and setting
@@ -205,7 +216,7 @@ def sample_compiled(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | No
     cache = static_cache(model, cond.shape[0]) if cudagraphs else model.new_cache(cond.shape[0])
     if cond_mask is not None:
         model.mask_cache(cache, cond_mask)
-    T, V = c.block_size, c.vocab_size
+    T, V, max_len = c.block_size, c.vocab_size, c.cls_token_num + c.block_size
     tokens = torch.empty(N, T, dtype=torch.long, device=device)
     logprobs = torch.empty(N, T, dtype=torch.float32, device=device)
     positions = torch.arange(c.cls_token_num, device=device)
@@ -217,7 +228,8 @@ def sample_compiled(model: GPT, cond: torch.Tensor, cond_mask: torch.Tensor | No
         noise = race_noise((N, V), torch.float32, device, generator)
         if cudagraphs:  # the last replay's outputs are copied out: the next one may overwrite them
             torch.compiler.cudagraph_mark_step_begin()
-        token, logprob = decode(model, token, position, cache, noise, N, cfg, guided_now(cfg, t))
+        length = attended_length(c.cls_token_num + t - 1, max_len)
+        token, logprob = decode(model, token, position, length, cache, noise, N, cfg, guided_now(cfg, t))
         tokens[:, t], logprobs[:, t] = token, logprob
         token = token.clone()
         position += 1

@@ -81,7 +81,8 @@ def grpo_settings(args: argparse.Namespace, device: torch.device) -> GRPOConfig:
     return GRPOConfig(
         steps=600, batch_classes=args.batch_classes, group_size=args.group_size, inner_epochs=2, clip_eps=0.2,
         kl_beta=3.0, reference="frozen", rewards={"classifier": 1.0}, fid_advantage_weight=2.0,
-        loo_fid=LooFidConfig(mode="ema_loo", ema_beta=0.5), sampling=SamplingConfig(cfg_scale=1.5), lr=1e-5,
+        loo_fid=LooFidConfig(mode="ema_loo", ema_beta=0.5),
+        sampling=SamplingConfig(cfg_scale=1.5, compile=args.compile), lr=1e-5,
         precision="bf16" if device.type == "cuda" else "fp32", seed=0,
     )
 
@@ -276,7 +277,8 @@ def decode_explain(model: GPT, batch: int, cfg: SamplingConfig) -> dict:
     token = torch.zeros(batch, dtype=torch.long, device=device)
     position = torch.tensor([c.cls_token_num], device=device)
     with torch.no_grad():
-        explained = torch._dynamo.explain(decode_and_pick)(model, token, position, cache, noise, batch, cfg, True)
+        explained = torch._dynamo.explain(decode_and_pick)(model, token, position, c.cls_token_num + 1, cache, noise,
+                                                           batch, cfg, True)
     return {"graph_count": explained.graph_count, "graph_break_count": explained.graph_break_count,
             "break_reasons": [str(b.reason) for b in explained.break_reasons]}
 
@@ -371,7 +373,8 @@ def markdown(report: dict) -> str:
         "# GRPO step: argrpo against the LOO-FID paper's loop",
         "",
         f"`{s['preset']}` GPT (LlamaGen architecture), small VQ, B = {s['batch_classes']}, G = {s['group_size']}, "
-        f"K = 2, rollout cfg 1.5, beta 3, LOO-FID on (x2), on {s['device']} ({m['threads']} threads, {m['cpu']}, "
+        f"K = 2, rollout cfg 1.5 (sampler compile: {s['compile']}), beta 3, LOO-FID on (x2), on {s['device']} "
+        f"({m['threads']} threads, {m['cpu']}, "
         f"{m['env'] or 'default OpenMP settings'}, torch {m['torch']}{', ' + m['gpu'] if 'gpu' in m else ''}). "
         f"Medians over {s['repeats']} interleaved repeats after one warm-up step per side; each ratio is the "
         f"median of the per-repeat ratios (paper time / argrpo time). Load average (1, 5, 15 min) before / after: "
@@ -429,7 +432,9 @@ def main() -> None:
     parser.add_argument("--batch-classes", type=int, default=10, help="B")
     parser.add_argument("--group-size", type=int, default=12, help="G")
     parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", default="off", choices=["off", "default", "reduce-overhead"],
+                        help="the sampler's compile mode in the GRPO step comparison, the same on both sides")
     parser.add_argument("--decode-batch", type=int, nargs="+", default=[12, 120],
                         help="sequences per sampling call in the compiled-vs-eager decode comparison")
     parser.add_argument("--gpu-presets", nargs="+", default=["GPT-B", "GPT-L"],

@@ -9,10 +9,12 @@ import torch
 from tiny_models import random_gpt
 from tiny_t2i import left_padded_captions, random_t2i_gpt
 
+from argrpo import sampling
 from argrpo.config import ConfigError
 from argrpo.sampling import (
     SamplingConfig,
     _static_caches,
+    attended_length,
     decode_and_pick,
     prefill_and_pick,
     race_noise,
@@ -43,7 +45,9 @@ def steps_by_hand(model, cond, tokens, static: bool, mask=None) -> torch.Tensor:
             model.mask_cache(cache, mask)
         logits = [model.prefill_at(cond, torch.arange(c.cls_token_num), cache)]
         for t in range(tokens.shape[1]):
-            logits.append(model.decode_at(tokens[:, t], torch.tensor([c.cls_token_num + t]), cache))
+            position = c.cls_token_num + t
+            length = position + 1 + t % 3 if t % 4 else None  # the positions up to this one and a few unwritten
+            logits.append(model.decode_at(tokens[:, t], torch.tensor([position]), cache, length))
         return torch.stack(logits, 1)
 
 
@@ -85,8 +89,8 @@ def test_prefill_and_decode_trace_to_one_graph_without_breaks(family):
         prefill = torch._dynamo.explain(prefill_and_pick)(model, cond, torch.arange(c.cls_token_num), cache, noise,
                                                           N, GUIDED, True)
         token = torch.zeros(N, dtype=torch.long)
-        decode = torch._dynamo.explain(decode_and_pick)(model, token, torch.tensor([c.cls_token_num]), cache, noise,
-                                                        N, GUIDED, True)
+        decode = torch._dynamo.explain(decode_and_pick)(model, token, torch.tensor([c.cls_token_num]),
+                                                        c.cls_token_num + 4, cache, noise, N, GUIDED, True)
     for explained in (prefill, decode):
         assert explained.graph_break_count == 0, explained.break_reasons
         assert explained.graph_count == 1
@@ -100,7 +104,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_compiled_sampler_draws_the_eager_tokens_from_the_same_stream():
+def test_attended_length_rounds_up_to_whole_blocks():
+    assert [attended_length(p, 257) for p in (0, 30, 31, 32, 63, 64, 223, 224, 255, 256)] == [
+        32, 32, 32, 64, 64, 96, 224, 256, 256, 257]
+    assert attended_length(5, 17) == 17  # never past the cache
+
+
+def test_compiled_sampler_draws_the_eager_tokens_from_the_same_stream(monkeypatch):
+    # blocks of 4 positions: the step attends to 4, 8, 12, 16 and 17 positions of the 17 in one call
+    monkeypatch.setattr(sampling, "KV_BLOCK", 4)
     model = random_gpt(0, n_layer=1)  # one layer: the graph compiles faster, the maths is the same
     compiled_cfg = replace(GUIDED, compile="default")
     for seed, labels in ((5, LABELS), (6, LABELS.flip(0))):
