@@ -228,9 +228,10 @@ def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """softmax(q k^T / sqrt(D), -inf where `mask` is False) v, with q [B, H, L, D], k and v [B, H, S, D], mask
     [B or 1, 1, L, S] bool; [B, H, L, D].
 
-    The static-shape path's attention, written as matmuls: compiled, the softmax fuses with the masking
-    (on a CPU this beat the fused attention kernel, whose one-query case is slow). Scores are softmaxed
-    in float32, as the fused kernels accumulate them.
+    The static-shape path's attention, written as matmuls so that, compiled, the masking and the softmax
+    fuse into one kernel between them (on a CPU the compiled decode step ran 1.3-1.5x faster than eager
+    this way, and slower than eager through scaled_dot_product_attention). Scores are softmaxed in
+    float32, as the fused attention kernels accumulate them.
     """
     scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, L, S]
     probs = scores.float().masked_fill(~mask, float("-inf")).softmax(-1)

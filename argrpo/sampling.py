@@ -8,11 +8,13 @@ conditioned on left-padded caption features and their mask; their unconditional 
 caption under the caption's own mask, as LlamaGen samples.
 
 Compiled sampling (`SamplingConfig.compile`): the prefill and each decode step, with the token choice,
-run as one `torch.compile` graph without breaks, as gpt-fast does. The graph sees only fixed shapes
-(the KV cache has its full length, positions are tensors: `GPT.forward_at`) and no generator: each
-step's exponential noise is drawn eagerly from the caller's generator, with the same shape and in the
-same order as the eager sampler draws it, so the random stream is the eager one. "reduce-overhead"
-adds CUDA graphs on a GPU (one replay per token; on a CPU it runs as "default").
+run as one `torch.compile` graph without breaks, as gpt-fast does. The graph sees no position-dependent
+shape (the KV cache is allocated at full length, positions are tensors, attention reads whole blocks of
+KV_BLOCK cache positions: `GPT.forward_at`) and no generator: each step's exponential noise is drawn
+eagerly from the caller's generator, with the same shape and in the same order as the eager sampler
+draws it, so the random stream is the eager one. The tokens equal the eager sampler's unless a race is
+decided within float rounding; the log-probs agree to rounding. "reduce-overhead" adds CUDA graphs on a
+GPU (one replay per token; on a CPU it runs as "default"). docs/gpu_plan.md has the expected speed.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ class SamplingConfig:
     temperature: Float = 1.0
     top_k: Int = 0  # 0: off
     top_p: Float = 1.0
-    # LlamaGen samplers: "off" eager; "default" torch.compile of prefill and decode step; "reduce-overhead"
-    # the same with CUDA graphs. Speed only: the tokens are the eager sampler's (see the module docstring)
+    # LlamaGen samplers (VAR's ignores it): "off" eager; "default" torch.compile of the prefill and the decode
+    # step; "reduce-overhead" the same with CUDA graphs. The eager random stream either way (module docstring)
     compile: str = "off"
 
     def __post_init__(self) -> None:
