@@ -2,6 +2,12 @@
 
 Both become one `.npz`: `images` uint8 [N, H, W, 3], `labels` int64 [N], `split` int8 [N]
 (0 train, 1 held-out) and `class_names`. Library images are float [N, 3, H, W] in [-1, 1].
+
+An image folder has the ImageNet layout: `root/<class>/<image>`, one sub-folder per class, classes
+numbered in sorted folder-name order. Images are the files whose suffix is one of IMAGE_SUFFIXES, in
+any case (`.JPEG`, `.PNG`); other files are ignored. Hidden sub-folders (`.ipynb_checkpoints`, `.git`)
+are not classes. A class folder with no image is an error naming it, as torchvision's ImageFolder
+does: skipping it would renumber every later class and silently change what a label id means.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from argrpo.config import Float, Int, require
+from argrpo.files import read_npz, savez_atomic
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".JPEG"}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")  # compared lower-cased
 
 
 @dataclass(frozen=True)
@@ -59,27 +66,57 @@ def load_digits_images(image_size: int) -> tuple[np.ndarray, np.ndarray, list[st
     return x.permute(0, 2, 3, 1).numpy(), digits.target.astype(np.int64), [str(i) for i in range(10)]
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of root in label order; ValueError naming every one that holds no image."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root} (set data.root in params.yaml)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise ValueError(f"image folder {root} has no class sub-folders (expected {root}/<class>/<image>)")
+    empty = [p.name for p in folders if not has_image(p)]
+    if empty:
+        raise ValueError(f"image folder {root}: the class folder(s) {', '.join(empty)} hold no image "
+                         f"(suffixes {', '.join(IMAGE_SUFFIXES)}, any case); add images or remove the folder(s), "
+                         f"since each sub-folder is one class")
+    return folders
+
+
+def is_image_file(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+
+
+def has_image(folder: Path) -> bool:
+    return any(is_image_file(p) for p in folder.iterdir())  # stops at the first: ImageNet folders hold 1,300
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if is_image_file(p))
+
+
+def read_image(path: Path, image_size: int) -> np.ndarray:
+    """One image, centre-cropped to a square and resized (bicubic): uint8 [image_size, image_size, 3]."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")  # decodes the whole file: a truncated one fails here, not later
+            side = min(im.size)
+            left, top = (im.width - side) // 2, (im.height - side) // 2
+            im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
+            return np.asarray(im, dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # PIL reports a truncated file as OSError and some corrupt headers as SyntaxError / ValueError
+        raise ValueError(f"cannot read image {path}: {e} (truncated or corrupt: replace or remove it)") from e
+
+
 def load_folder_images(root: str | Path, image_size: int, max_per_class: int = 0
                        ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images under root/<class>/..., centre-cropped and resized (bicubic) to image_size."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root} (set data.root in params.yaml)")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"image folder {root} has no class sub-folders")
+    folders = class_folders(Path(root))
     images, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix in IMAGE_SUFFIXES)
-        for path in files[: max_per_class or None]:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                side = min(im.size)
-                left, top = (im.width - side) // 2, (im.height - side) // 2
-                im = im.crop((left, top, left + side, top + side)).resize((image_size, image_size), Image.BICUBIC)
-                images.append(np.asarray(im, dtype=np.uint8))
+    for label, folder in enumerate(folders):
+        for path in image_files(folder)[: max_per_class or None]:
+            images.append(read_image(path, image_size))
             labels.append(label)
-    return np.stack(images), np.asarray(labels, dtype=np.int64), classes
+    return np.stack(images), np.asarray(labels, dtype=np.int64), [p.name for p in folders]
 
 
 def stratified_split(labels: np.ndarray, holdout_fraction: float, seed: int) -> np.ndarray:
@@ -101,8 +138,7 @@ def prepare_dataset(cfg: DataConfig, out: str | Path) -> dict[str, int]:
     else:
         images, labels, names = load_folder_images(cfg.root, cfg.image_size, cfg.max_per_class)
     split = stratified_split(labels, cfg.holdout_fraction, cfg.seed)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out, images=images, labels=labels, split=split, class_names=np.asarray(names))
+    savez_atomic(out, images=images, labels=labels, split=split, class_names=np.asarray(names))
     return {"images": len(labels), "train": int((split == 0).sum()), "holdout": int((split == 1).sum()),
             "classes": len(names)}
 
@@ -124,5 +160,5 @@ def load_dataset(path: str | Path) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"dataset not found: {path} (run the prepare stage first)")
-    with np.load(path) as z:
-        return Dataset(z["images"], z["labels"], z["split"], [str(n) for n in z["class_names"]])
+    z = read_npz(path, ["images", "labels", "split", "class_names"])
+    return Dataset(z["images"], z["labels"], z["split"], [str(n) for n in z["class_names"]])

@@ -31,10 +31,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from argrpo.checkpoints import save_checkpoint
-from argrpo.config import ConfigError, Float, Int, load_section, require
+from argrpo.config import Bool, ConfigError, Float, Int, load_section, require
 from argrpo.distributed import (
     PARALLEL_MODES,
     Dist,
+    all_gather_cat,
     all_reduce_sum,
     barrier,
     full_parameters,
@@ -47,7 +48,7 @@ from argrpo.distributed import (
     shard_indices,
 )
 from argrpo.entropy import EntropyConfig, EntropyController
-from argrpo.loss import RATIO_LEVELS, group_advantages, policy_loss
+from argrpo.loss import RATIO_LEVELS, SURROGATES, group_advantages, policy_loss
 from argrpo.policy import Policy, Rollout, decode_images
 from argrpo.rewards import REWARDS, Reward
 from argrpo.rewards.loo_fid import FeatureSums, LooFidConfig, LooFidReward, feature_sums
@@ -55,7 +56,7 @@ from argrpo.runstate import GRPORun, load_run, save_run, write_curves
 from argrpo.sampling import SamplingConfig
 
 REFERENCES = ("ema", "frozen")
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "bf16_params")
 # LOO-FID scores the batch as a whole: it is configured by `loo_fid` and `fid_advantage_weight`
 INSTANCE_REWARDS = tuple(sorted(name for name in REWARDS if name != "loo_fid"))
 
@@ -85,7 +86,9 @@ class GRPOConfig:
     betas: tuple[Float, Float] = (0.9, 0.95)
     weight_decay: Float = 0.01
     grad_clip: Float = 1.0
-    precision: str = "bf16"  # bf16 autocast on CUDA; CPU always runs float32
+    # fp32; bf16: autocast on CUDA over float32 weights (CPU runs float32); bf16_params: the network's weights
+    # themselves in bfloat16 with no float32 master copy, on any device (the LOO-FID paper's code)
+    precision: str = "bf16"
     decode_batch: Int = 64  # images decoded per tokenizer call
     checkpoint_every: Int = 50
     log_every: Int = 1
@@ -94,6 +97,12 @@ class GRPOConfig:
     # several processes: "ddp" replicates the policy; "fsdp" shards parameters, gradients and optimizer
     # state (GPT-XXL, GPT-3B), gathering the whole policy for each rollout
     parallel: str = "ddp"
+    # where argrpo's defaults and the LOO-FID paper's code differ (docs/method.md, "Paper and defaults")
+    surrogate: str = "pessimistic"  # pessimistic: PPO's max(-rA, -clip(r)A); optimistic: the paper's min
+    fid_term: str = "joint"  # joint: one surrogate on A_inst + w A_fid; separate: the FID term clipped on its own
+    group_reduction: str = "mean"  # mean over the batch; sum: the paper's sum over the G members of a group
+    ratio_dropout: Bool = False  # condition dropout in the ratio passes (the paper's train-mode forwards)
+    update_chunks: str = "micro_batch"  # micro_batch | group_member (the paper's per-member forwards)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "rewards", dict(self.rewards))
@@ -107,8 +116,7 @@ class GRPOConfig:
         require(self.kl_beta >= 0, "kl_beta", "must be >= 0", self.kl_beta)
         require(self.reference in REFERENCES, "reference", f"must be one of {', '.join(REFERENCES)}",
                 self.reference)
-        if self.reference == "ema":
-            require(0 <= self.ref_ema_decay < 1, "ref_ema_decay", "must be in [0, 1)", self.ref_ema_decay)
+        require(0 <= self.ref_ema_decay < 1, "ref_ema_decay", "must be in [0, 1)", self.ref_ema_decay)
         require(self.ratio_level in RATIO_LEVELS, "ratio_level", f"must be one of {', '.join(RATIO_LEVELS)}",
                 self.ratio_level)
         for name, weight in self.rewards.items():
@@ -139,6 +147,9 @@ class GRPOConfig:
                 self.max_consecutive_skips)
         require(self.parallel in PARALLEL_MODES, "parallel", f"must be one of {', '.join(PARALLEL_MODES)}",
                 self.parallel)
+        for key, choices in (("surrogate", SURROGATES), ("fid_term", ("joint", "separate")),
+                             ("group_reduction", ("mean", "sum")), ("update_chunks", ("micro_batch", "group_member"))):
+            require(getattr(self, key) in choices, key, f"must be one of {', '.join(choices)}", getattr(self, key))
 
 
 def grpo_config_from_params(section: Mapping | None) -> GRPOConfig:
@@ -152,10 +163,12 @@ def start_run(policy: Policy, cfg: GRPOConfig, dist: Dist | None = None) -> GRPO
     # equal shards: DDP averages the per-process mean losses, which is the global mean only then
     require(cfg.batch_classes % dist.world_size == 0, "grpo.batch_classes",
             f"must be divisible by the number of processes ({dist.world_size})", cfg.batch_classes)
+    if cfg.precision == "bf16_params":
+        policy.net.to(torch.bfloat16)
     reference = policy.frozen_copy()
     trainer = parallelize(policy, reference, dist, cfg.parallel)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-    entropy = EntropyController.from_config(cfg.entropy, cfg.steps, policy.vocab_size)
+    entropy = EntropyController(cfg.entropy, cfg.steps, policy.vocab_size)
     condition_rng = torch.Generator().manual_seed(cfg.seed)
     sample_rng = torch.Generator(device=policy.device).manual_seed(rank_seed(cfg.seed + 1, dist.rank))
     return GRPORun(policy, reference, optimizer, entropy, condition_rng, sample_rng, dist=dist,
@@ -213,15 +226,28 @@ def score_rewards(rewards: Mapping[str, tuple[Reward, float]], images: torch.Ten
     return composite, stats
 
 
-def micro_batches(n: int, size: int) -> list[slice]:
-    size = size or n
-    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+# sequences per forward/backward when `micro_batch` is 0: the [n, L, V] logits of one chunk stay within
+# this many elements (64 MB in float32), so that large vocabularies never build a whole-batch logits tensor
+LOGITS_BUDGET = 1 << 24
+
+
+def update_chunks(n: int, cfg: GRPOConfig, num_tokens: int, vocab_size: int) -> list[torch.Tensor]:
+    """Index sets of the local batch [n] (groups of G contiguous) that each take one forward/backward.
+
+    "micro_batch": contiguous chunks of `micro_batch` sequences (0: as many as LOGITS_BUDGET allows);
+    "group_member": chunk g holds member g of every group, B sequences, as the LOO-FID paper's loop does
+    (its stateless entropy coefficient is computed per such chunk).
+    """
+    if cfg.update_chunks == "group_member":
+        return [torch.arange(g, n, cfg.group_size) for g in range(cfg.group_size)]
+    size = cfg.micro_batch or max(1, LOGITS_BUDGET // (num_tokens * vocab_size))
+    return [torch.arange(i, min(i + size, n)) for i in range(0, n, size)]
 
 
 def grad_sync(trainer: torch.nn.Module, last: bool) -> AbstractContextManager:
-    """DDP all-reduces gradients on the last micro-batch's backward only; the earlier ones accumulate locally.
+    """DDP all-reduces gradients on the last backward of an epoch only; the earlier ones accumulate locally.
 
-    (FSDP reduce-scatters every micro-batch's gradients into the shards, which adds up to the same.)
+    (FSDP reduce-scatters every backward's gradients into the shards, which adds up to the same.)
     """
     if isinstance(trainer, DistributedDataParallel) and not last:
         return trainer.no_sync()
@@ -233,39 +259,61 @@ def any_rank(flag: bool) -> bool:
     return bool(all_reduce_sum(torch.tensor([float(flag)])).item() > 0)
 
 
-def policy_update(run: GRPORun, conditions: torch.Tensor, tokens: torch.Tensor, advantages: torch.Tensor,
-                  cfg: GRPOConfig) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, bool]:
-    """K optimizer steps on the rollouts; returns stats, the rollout's old log-probs and entropies [N, T], and
-    whether the update was skipped for a non-finite loss or gradient (then no weight has moved).
+def policy_update(run: GRPORun, conditions: torch.Tensor, tokens: torch.Tensor, adv_instance: torch.Tensor,
+                  adv_fid: torch.Tensor | None, cfg: GRPOConfig
+                  ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor, bool]:
+    """K optimizer steps on the rollouts (docs/method.md, "The loss"); returns stats, the old log-probs and
+    entropies [N, T], and whether the update was skipped for a non-finite loss or gradient (then no weight
+    has moved).
 
-    With several processes each holds its share of the rollouts; the gradient is averaged over them.
+    The old log-probs are epoch 0's own forward, detached (its ratio is exactly 1), unless `ratio_dropout`
+    makes every pass stochastic: then, as in the LOO-FID paper, a separate no-grad pass draws its own
+    condition dropout. With several processes each holds its share of the rollouts; DDP averages the
+    gradient over them.
     """
     policy, trainer, device = run.policy, run.train_module, conditions.device
-    chunks, n = micro_batches(conditions.shape[0], cfg.micro_batch), conditions.shape[0]
-    temperature = cfg.sampling.temperature
+    n, temperature, drop = conditions.shape[0], cfg.sampling.temperature, cfg.ratio_dropout
+    chunks = update_chunks(n, cfg, policy.num_tokens, policy.vocab_size)
+    separate = adv_fid is not None and cfg.fid_term == "separate"
+    advantages = adv_instance if separate or adv_fid is None else adv_instance + cfg.fid_advantage_weight * adv_fid
+    # the paper sums its per-member losses over the G members of a group instead of averaging them
+    scale = float(cfg.group_size) if cfg.group_reduction == "sum" else 1.0
     with torch.no_grad(), autocast(device, cfg.precision):
-        # recomputed rather than taken from the sampler: the same forward as the update, so the first
-        # epoch's ratio is exactly 1 and clipping measures the policy's own movement
-        old = [policy(conditions[c], tokens[c], temperature) for c in chunks]
-        logp_ref = torch.cat([run.reference(conditions[c], tokens[c], temperature)[0] for c in chunks])
-    logp_old, entropy_old = torch.cat([o[0] for o in old]), torch.cat([o[1] for o in old])  # [N, T]
-    # the controller sees the global batch's entropy, so that it moves the same way on every process
-    coef = run.entropy.update(run.step, mean_over_ranks(entropy_old.mean()).item())
+        logp_ref = [run.reference(conditions[c], tokens[c], temperature)[0] for c in chunks] if cfg.kl_beta else None
+        logp_old = [policy(conditions[c], tokens[c], temperature, drop)[0] for c in chunks] if drop else None
+    entropy_old = [None] * len(chunks)
     epochs, skipped = [], False
     for _ in range(cfg.inner_epochs):
         run.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         for i, c in enumerate(chunks):
-            with grad_sync(trainer, last=i == len(chunks) - 1):
-                with autocast(device, cfg.precision):
-                    logp_new, entropy = trainer(conditions[c], tokens[c], temperature)
-                loss, stats = policy_loss(logp_new, logp_old[c], advantages[c], logp_ref[c], entropy,
-                                          clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, entropy_coef=coef,
-                                          level=cfg.ratio_level)
-                share = (c.stop - c.start) / n  # micro-batch losses add up to the full-batch mean
-                (loss * share).backward()
-            for key, value in {"loss": loss.item(), **stats}.items():
-                totals[key] = totals.get(key, 0.0) + share * value
+            last = i == len(chunks) - 1
+            with grad_sync(trainer, last=last and not (separate and drop)), autocast(device, cfg.precision):
+                logp_new, entropy = trainer(conditions[c], tokens[c], temperature, drop)  # [n_c, T]
+            if logp_old is None:
+                logp_old = [None] * len(chunks)
+            if logp_old[i] is None:  # epoch 0: the policy has not moved yet
+                logp_old[i], entropy_old[i] = logp_new.detach(), entropy.detach()
+            coef = run.entropy.coefficient(run.step, entropy.mean().item())
+            loss, stats = policy_loss(
+                logp_new, logp_old[i], advantages[c], None if logp_ref is None else logp_ref[i], entropy,
+                clip_eps=cfg.clip_eps, kl_beta=cfg.kl_beta, entropy_coef=coef, level=cfg.ratio_level,
+                form=cfg.surrogate, fid_advantages=adv_fid[c] if separate and not drop else None,
+                fid_weight=cfg.fid_advantage_weight)
+            share = scale * len(c) / n  # chunk losses add up to the batch mean (times G for "sum")
+            (loss * share).backward()
+            if separate and drop:  # the paper scores its FID term on a second forward with its own dropout
+                with grad_sync(trainer, last=last), autocast(device, cfg.precision):
+                    fid_logp = trainer(conditions[c], tokens[c], temperature, drop)[0]
+                zero = torch.zeros_like(advantages[c])
+                fid_loss, fid_stats = policy_loss(
+                    fid_logp, logp_old[i], zero, None, entropy.detach(), clip_eps=cfg.clip_eps, kl_beta=0.0,
+                    entropy_coef=0.0, level=cfg.ratio_level, form=cfg.surrogate, fid_advantages=adv_fid[c],
+                    fid_weight=cfg.fid_advantage_weight)
+                (fid_loss * share).backward()
+                loss, stats["surrogate"] = loss + fid_loss, stats["surrogate"] + fid_stats["surrogate"]
+            for key, value in {"loss": loss.item() * scale, "entropy_coef": coef, **stats}.items():
+                totals[key] = totals.get(key, 0.0) + len(c) / n * value
         totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip).item()
         # the gradient norm is global (DDP has averaged, FSDP reduces over the shards); the loss is local
         if any_rank(not (math.isfinite(totals["loss"]) and math.isfinite(totals["grad_norm"]))):
@@ -274,19 +322,30 @@ def policy_update(run: GRPORun, conditions: torch.Tensor, tokens: torch.Tensor, 
             break
         run.optimizer.step()
         epochs.append(totals)
+    logp_old_all = torch.empty(n, tokens.shape[1], device=device)
+    entropy_all = torch.empty(n, tokens.shape[1], device=device)
+    for c, lp in zip(chunks, logp_old, strict=True):
+        logp_old_all[c] = lp.float()
+    for c, ent in zip(chunks, entropy_old, strict=True):
+        if ent is not None:
+            entropy_all[c] = ent.float()
+    # the accumulating controller learns from this iteration's entropy, the global batch's on every process
+    run.entropy.observe(mean_over_ranks(entropy_all.mean()).item())
     if cfg.reference == "ema" and not skipped:
         with torch.no_grad():
             for ref, p in zip(run.reference.parameters(), policy.parameters(), strict=True):
                 ref.lerp_(p, 1.0 - cfg.ref_ema_decay)
-    stats = {"entropy/coef": coef}
+    stats = {}
     if epochs:
         # the last epoch is the most off-policy one, where clipping and KL matter; the first a sanity check
-        stats.update({f"policy/{key}": value for key, value in epochs[-1].items() if key != "grad_norm"})
+        stats.update({f"policy/{key}": value for key, value in epochs[-1].items()
+                      if key not in ("grad_norm", "entropy_coef")})
         stats["policy/ratio_mean_epoch0"] = epochs[0]["ratio_mean"]
         stats["policy/clip_frac_epoch0"] = epochs[0]["clip_frac_low"] + epochs[0]["clip_frac_high"]
         stats["optim/grad_norm"] = sum(e["grad_norm"] for e in epochs) / len(epochs)
+        stats["entropy/coef"] = epochs[0]["entropy_coef"]
     stats["optim/lr"] = run.optimizer.param_groups[0]["lr"]
-    return stats, logp_old, entropy_old, skipped
+    return stats, logp_old_all, entropy_all, skipped
 
 
 def rollout(run: GRPORun, conditions: torch.Tensor, cfg: GRPOConfig) -> Rollout:
@@ -332,19 +391,22 @@ def grpo_step(run: GRPORun, rewards: Mapping[str, tuple[Reward, float]], loo_fid
         bad_features = int(all_reduce_sum(torch.tensor([float(nonfinite_rows(features).sum())])).item())
         metrics["health/nonfinite_features"] = float(bad_features)
         if not bad_features:  # a non-finite feature would poison the batch sums and the EMA for good
-            fid_rewards, nonfinite = finite_or_zero(loo_fid.score(features, global_sums(feature_sums(features))))
+            batch = all_gather_cat(features) if loo_fid.covariance == "full" else None  # [N, F]: every process's
+            fid_rewards, nonfinite = finite_or_zero(
+                loo_fid.score(features, global_sums(feature_sums(features)), batch=batch))
             adv_fid = group_advantages(fid_rewards.to(device), G)
             metrics.update({"reward/loo_fid_mean": fid_rewards.mean().item(),
                             "reward/loo_fid_std": fid_rewards.std().item(),
                             "reward/loo_fid_nonfinite": float(nonfinite),
-                            "fid/batch": loo_fid.last_stats["batch_fid"], "fid/ema": loo_fid.last_stats["ema_fid"]})
+                            **{f"fid/{key.removesuffix('_fid')}": value for key, value in loo_fid.last_stats.items()}})
     timer.lap("reward")
 
     adv_inst = group_advantages(composite, G).float()
     advantages = adv_inst + cfg.fid_advantage_weight * adv_fid  # [b*G]
     skipped = bad_features > 0
     if not skipped:
-        update, logp_old, entropy_old, skipped = policy_update(run, conditions, sample.tokens, advantages, cfg)
+        update, logp_old, entropy_old, skipped = policy_update(
+            run, conditions, sample.tokens, adv_inst, adv_fid if loo_fid is not None else None, cfg)
         metrics.update(update)
         metrics.update({
             # how far the sampler's log-probs drift from the teacher-forced ones (KV cache, precision)
@@ -390,8 +452,9 @@ def bootstrap_loo_fid(run: GRPORun, loo_fid: LooFidReward, cfg: GRPOConfig) -> N
     loo_fid.bootstrap(features, global_sums(feature_sums(features)))
 
 
-def check_finite_weights(state: Mapping[str, torch.Tensor], what: str) -> None:
-    bad = [key for key, value in state.items() if value.is_floating_point() and not torch.isfinite(value).all()]
+def check_finite_weights(state: Mapping[str, torch.Tensor], what: str, names: set[str]) -> None:
+    """Refuse non-finite values in the parameters `names` of `state` (buffers such as masks may hold -inf)."""
+    bad = [key for key in names if state[key].is_floating_point() and not torch.isfinite(state[key]).all()]
     if bad:
         raise NonFiniteError(f"{what} holds non-finite values in {len(bad)} tensor(s) ({', '.join(bad[:5])}); "
                              "not written")
@@ -455,7 +518,7 @@ def train_grpo(
     bar.close()
     weights = full_state(policy.net.state_dict())
     if main:
-        check_finite_weights(weights, "the fine-tuned policy")
+        check_finite_weights(weights, "the fine-tuned policy", {name for name, _ in policy.net.named_parameters()})
         write_curves(curves_path, run.history)
         save_checkpoint(out_dir / "policy.pt", weights)
     barrier()

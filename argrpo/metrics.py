@@ -21,6 +21,10 @@ from scipy.special import xlogy
 
 from argrpo.config import Int, require
 
+# reward models the evaluation can average over a configuration's samples (CLIP score and HPSv2 against each
+# sample's prompt, the aesthetic predictor on the image alone), at scale 1
+EVALUATION_SCORES = ("clip", "hpsv2", "aesthetic")
+
 
 @dataclass(frozen=True)
 class EvaluateConfig:
@@ -29,11 +33,17 @@ class EvaluateConfig:
     k: Int = 3  # nearest neighbours for precision / recall
     is_splits: Int = 10
     batch_size: Int = 256
+    scores: tuple[str, ...] = ()  # mean reward-model scores per configuration (EVALUATION_SCORES)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "scores", tuple(self.scores))
         require(self.k >= 1, "k", "must be >= 1", self.k)
         require(self.is_splits >= 1, "is_splits", "must be >= 1", self.is_splits)
         require(self.batch_size >= 1, "batch_size", "must be >= 1", self.batch_size)
+        for name in self.scores:
+            require(name in EVALUATION_SCORES, "scores", f"must name scores among {', '.join(EVALUATION_SCORES)}",
+                    self.scores)
+        require(len(set(self.scores)) == len(self.scores), "scores", "must not repeat a score", self.scores)
 
 
 def feature_moments(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from argrpo.classifier import JudgeConfig
+from argrpo.conditions import CLASS_PROMPTS, DIGIT_PROMPTS, SPLITS, PromptsConfig
 from argrpo.config import ConfigError, Int, load_section, require
 from argrpo.data import DataConfig
 from argrpo.distributed import DistributedConfig
@@ -22,6 +23,8 @@ from argrpo.generator import ModelConfig, SampleConfig
 from argrpo.grpo import GRPOConfig
 from argrpo.metrics import EvaluateConfig
 from argrpo.pretrain import PretrainConfig
+from argrpo.rewards.options import RewardOptions
+from argrpo.text import StandInT5
 from argrpo.weights import WeightsConfig
 
 DIGITS_CLASSES = 10
@@ -63,11 +66,13 @@ class Params:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     weights: WeightsConfig = field(default_factory=WeightsConfig)
+    prompts: PromptsConfig = field(default_factory=PromptsConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     ref_stats: RefStatsConfig = field(default_factory=RefStatsConfig)
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     grpo_runs: GRPORunsConfig = field(default_factory=GRPORunsConfig)
+    reward_options: RewardOptions = field(default_factory=RewardOptions)
     sample: SampleConfig = field(default_factory=SampleConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)  # the file as read, for logging
@@ -91,8 +96,9 @@ class Params:
 
 SECTIONS = {
     "distributed": DistributedConfig, "data": DataConfig, "model": ModelConfig, "weights": WeightsConfig,
-    "pretrain": PretrainConfig, "judge": JudgeConfig, "ref_stats": RefStatsConfig, "grpo": GRPOConfig,
-    "grpo_runs": GRPORunsConfig, "sample": SampleConfig, "evaluate": EvaluateConfig,
+    "prompts": PromptsConfig, "pretrain": PretrainConfig, "judge": JudgeConfig, "ref_stats": RefStatsConfig,
+    "grpo": GRPOConfig, "grpo_runs": GRPORunsConfig, "reward_options": RewardOptions, "sample": SampleConfig,
+    "evaluate": EvaluateConfig,
 }
 
 
@@ -126,7 +132,37 @@ def check_across_sections(p: Params) -> None:
         if world is not None:
             require(cfg.batch_classes % world == 0, key, f"must be divisible by the number of processes ({world} = "
                     "distributed.nproc_per_node x --nnodes)", cfg.batch_classes)
-    embedded_judges = p.ref_stats.features == "classifier" or "classifier" in p.instance_rewards()
+    check_family(p)
+    classifiers = [name for name in p.instance_rewards() if name.startswith("classifier")]
+    embedded_judges = p.ref_stats.features == "classifier" or bool(classifiers)
     if embedded_judges:
         require(p.judge.enabled, "judge.enabled", "must be true when ref_stats.features or a GRPO reward is "
                 "classifier (the embedded judge networks supply them)", p.judge.enabled)
+
+
+def check_family(p: Params) -> None:
+    """The prompts and sampling a model family can take."""
+    m, prompts = p.model, p.prompts
+    for split in SPLITS:
+        source = getattr(prompts, split)
+        if m.text_conditional:
+            require(source != CLASS_PROMPTS, f"prompts.{split}", f"must be {DIGIT_PROMPTS} or a prompt file for "
+                    "model.family llamagen_t2i (its conditions are prompts)", source)
+        else:
+            require(source == CLASS_PROMPTS, f"prompts.{split}", f"must be {CLASS_PROMPTS} for model.family "
+                    f"{m.family} (a class-conditional model; prompts come from prompts.template)", source)
+        if source == DIGIT_PROMPTS:
+            require(p.data.kind == "digits", f"prompts.{split}", "must not be digits unless data.kind is digits "
+                    "(the digit prompts ask for the digits' classes)", source)
+    if m.text_conditional:
+        require(not prompts.styles and not prompts.eval_styles, "prompts.styles",
+                "must be empty for model.family llamagen_t2i (styles make (class, style) conditions)", prompts.styles)
+        if prompts.encoder == "stand_in":
+            width = StandInT5().d_model
+            require(m.caption_dim == width, "model.caption_dim", f"must be {width}, the stand-in text encoder's "
+                    "width (prompts.encoder stand_in)", m.caption_dim)
+    if m.family == "var":
+        for variant in p.grpo_runs.variants:
+            cfg = p.grpo_variant(variant, p.grpo_runs.seeds[0])
+            require(cfg.sampling.cfg_interval == -1, "grpo.sampling.cfg_interval", "must be -1 for model.family var "
+                    "(VAR guides every scale on its ramp)", cfg.sampling.cfg_interval)

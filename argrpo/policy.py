@@ -45,10 +45,14 @@ class Policy(nn.Module, ABC):
         object.__setattr__(self, "tokenizer", tokenizer)
 
     @abstractmethod
-    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                drop_conditions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Teacher-forced log-probs and entropies [N, L] (float32) of `tokens` [N, L] under the conditional
-        policy at `temperature`, with gradients: exactly what `rollout` returned as `logprobs`."""
+        policy at `temperature`, with gradients: exactly what `rollout` returned as `logprobs`.
+
+        `drop_conditions` replaces each condition by the null one with the network's conditioning-dropout
+        probability (pretraining's dropout; the LOO-FID paper keeps it on in its ratio passes).
+        """
 
     @abstractmethod
     def rollout(self, conditions: torch.Tensor, sampling, generator: torch.Generator | None = None) -> Rollout:
@@ -65,6 +69,17 @@ class Policy(nn.Module, ABC):
     @abstractmethod
     def forward_passes(self, sampling) -> float:
         """Network forward passes (sequence rows) one image costs under `sampling`: the inference cost."""
+
+    def labels(self, conditions: torch.Tensor) -> torch.Tensor:
+        """The class of each condition id [N] -> [N] long, -1 where a condition has none.
+
+        For class-conditional families, the class label the network is conditioned on (a (class, style)
+        pair's class); for text-to-image, the class a prompt asks for when its prompt set says (the digit
+        of a digit prompt). The sample stage writes these beside the images, so evaluation's class (prompt)
+        accuracy needs nothing else. This default knows no classes.
+        """
+        self.check_conditions(conditions)
+        return torch.full_like(conditions, -1)
 
     def check_conditions(self, conditions: torch.Tensor) -> None:
         if conditions.numel() and (int(conditions.min()) < 0 or int(conditions.max()) >= self.num_conditions):

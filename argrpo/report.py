@@ -13,6 +13,8 @@ from PIL import Image
 COLUMNS = [("fid", "FID ↓"), ("is", "IS ↑"), ("precision", "Precision ↑"), ("recall", "Recall ↑"),
            ("class_accuracy", "Class acc. ↑"), ("forward_passes_per_image", "Fwd passes / img"),
            ("seconds_per_image", "s / img")]
+# shown when the evaluation computed them (evaluate.scores)
+SCORE_COLUMNS = [("clip_score", "CLIP score ↑"), ("hpsv2_score", "HPSv2 ↑"), ("aesthetic_score", "Aesthetic ↑")]
 
 
 def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8, scale: int = 4) -> Image.Image:
@@ -27,6 +29,30 @@ def image_grid(images: np.ndarray, labels: np.ndarray, per_class: int = 8, scale
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
 
 
+def prompt_grid(images: np.ndarray, conditions: np.ndarray, prompts: Sequence[str], rows: int = 10,
+                per_row: int = 8, scale: int = 4, text_width: int = 300) -> Image.Image:
+    """uint8 [N, H, W, 3] -> one row per condition (up to `rows`, spread over the condition ids present) with
+    its prompt written on the left and its first `per_row` images, upscaled for viewing."""
+    from PIL import ImageDraw
+
+    present = np.unique(conditions)
+    chosen = present[np.linspace(0, len(present) - 1, min(rows, len(present))).round().astype(int)]
+    H, W = images.shape[1] * scale, images.shape[2] * scale
+    grid = Image.new("RGB", (text_width + per_row * (W + scale) + scale, len(chosen) * (H + scale) + scale), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, c in enumerate(chosen):
+        top = scale + r * (H + scale)
+        draw.text((4, top + H // 2 - 6), shorten(prompts[int(c)], text_width // 6), fill="black")
+        for j, i in enumerate(np.flatnonzero(conditions == c)[:per_row]):
+            tile = Image.fromarray(images[i]).resize((W, H), Image.NEAREST)
+            grid.paste(tile, (text_width + scale + j * (W + scale), top))
+    return grid
+
+
+def shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
 def fmt(value: float, spread: float | None = None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
@@ -35,14 +61,18 @@ def fmt(value: float, spread: float | None = None) -> str:
     return text if spread is None else f"{text} ± {spread:.{digits}f}".rstrip("0").rstrip(".")
 
 
-def results_table(metrics: Mapping[str, Mapping[str, float]], spread: Mapping[str, Mapping[str, float]]) -> str:
-    """Markdown table, one row per configuration; GRPO rows as mean ± std over seeds."""
-    head = "| configuration | " + " | ".join(title for _, title in COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+def results_table(metrics: Mapping[str, Mapping[str, float]], spread: Mapping[str, Mapping[str, float]],
+                  accuracy: str = "Class acc. ↑") -> str:
+    """Markdown table, one row per configuration; GRPO rows as mean ± std over seeds. `accuracy` titles the
+    class accuracy column (text-to-image: prompt accuracy)."""
+    columns = [(key, accuracy if key == "class_accuracy" else title) for key, title in COLUMNS]
+    columns += [(key, title) for key, title in SCORE_COLUMNS if any(key in row for row in metrics.values())]
+    head = "| configuration | " + " | ".join(title for _, title in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for name, row in metrics.items():
         s = spread.get(name, {})
         label = f"{name} ({s['seeds']} seeds)" if s else name
-        cells = [fmt(row[key], s.get(key)) for key, _ in COLUMNS]
+        cells = [fmt(row.get(key, math.nan), s.get(key)) for key, _ in columns]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -96,3 +126,22 @@ def plot_fid_recall(rows: Mapping[str, Mapping[str, float]], out: Path, title: s
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def environment() -> dict[str, str]:
+    """What the numbers were measured on: library versions, the CPU, threads."""
+    import os
+    import platform
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"torch": torch.__version__, "numpy": np.__version__, "python": platform.python_version(),
+            "cpu": cpu, "logical CPUs": str(os.cpu_count()),
+            "CUDA": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "intra-op threads per stage process": os.environ.get("ARGRPO_THREADS", "1")}

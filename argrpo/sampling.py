@@ -34,15 +34,17 @@ COMPILE_MODES = ("off", "default", "reduce-overhead")
 @dataclass(frozen=True)
 class SamplingConfig:
     cfg_scale: Float = 1.0  # <= 1: a single conditional branch, no doubled batch
-    cfg_interval: Int = -1  # guide tokens 0..cfg_interval only; -1: every token
+    cfg_interval: Int = -1  # LlamaGen's meaning: guide tokens 0..cfg_interval + 1 only; -1: every token
     temperature: Float = 1.0
     top_k: Int = 0  # 0: off
     top_p: Float = 1.0
     # LlamaGen samplers (VAR's ignores it): "off" eager; "default" torch.compile of the prefill and the decode
     # step; "reduce-overhead" the same with CUDA graphs. The eager random stream either way (module docstring)
-    compile: str = "off"
+    compile: str | bool = "off"  # YAML 1.1 reads a bare `off` (as `dvc exp run -S ...=off` writes it) as false
 
     def __post_init__(self) -> None:
+        if self.compile is False:
+            object.__setattr__(self, "compile", "off")
         require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
         require(self.top_k >= 0, "top_k", "must be >= 0 (0 turns it off)", self.top_k)
         require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
@@ -93,8 +95,9 @@ def race(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 def guided_now(cfg: SamplingConfig, t: int) -> bool:
-    """Whether token t is drawn from guided logits (LlamaGen's cfg_interval)."""
-    return cfg.guided and (cfg.cfg_interval < 0 or t <= cfg.cfg_interval)
+    """Whether token t is drawn from guided logits. LlamaGen's cfg_interval = k guides the prefilled first
+    token and then decode steps i <= k: tokens 0..k + 1."""
+    return cfg.guided and (cfg.cfg_interval < 0 or t <= cfg.cfg_interval + 1)
 
 
 def pick_token(logits: torch.Tensor, noise: torch.Tensor, N: int, cfg: SamplingConfig,
@@ -247,10 +250,11 @@ def chosen_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.T
     return chosen, entropy
 
 
-def token_logprobs(model: GPT, labels: torch.Tensor, tokens: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the conditional policy."""
-    logits = model(tokens[:, :-1], labels)[:, -tokens.shape[1]:] / temperature  # [N, T, V]
+def token_logprobs(model: GPT, labels: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                   drop_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the conditional policy
+    (`drop_labels`: each label replaced by the null class with the model's class-dropout probability)."""
+    logits = model(tokens[:, :-1], labels, drop_labels=drop_labels)[:, -tokens.shape[1]:] / temperature
     return chosen_logprobs(logits, tokens)
 
 
@@ -274,10 +278,13 @@ def sample_caption_tokens(model: GPT, captions: torch.Tensor, caption_mask: torc
 
 
 def caption_token_logprobs(model: GPT, captions: torch.Tensor, caption_mask: torch.Tensor | None,
-                           tokens: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the caption-conditional policy."""
+                           tokens: torch.Tensor, temperature: float = 1.0,
+                           drop_captions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, T] of `tokens` [N, T] under the caption-conditional policy
+    (`drop_captions`: each caption replaced by the null caption with the model's dropout probability)."""
     model.check_captions(captions, caption_mask)
-    logits = model(tokens[:, :-1], captions, cond_mask=caption_mask)[:, -tokens.shape[1]:] / temperature
+    logits = model(tokens[:, :-1], captions, cond_mask=caption_mask, drop_labels=drop_captions)
+    logits = logits[:, -tokens.shape[1]:] / temperature
     return chosen_logprobs(logits, tokens)  # logits: [N, T, V]
 
 

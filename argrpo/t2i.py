@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 
@@ -21,10 +22,12 @@ class LlamaGenT2IPolicy(Policy):
     tokenizer, the features are frozen data kept out of the module tree: no parameter, not in
     `state_dict`, shared (not copied) by `frozen_copy`, and left where they are by `.to()`; each call
     gathers its N rows and moves them to the network's device. Rollouts guide against the null caption
-    (`uncond_embedding`) under the caption's mask, as LlamaGen samples.
+    (`uncond_embedding`) under the caption's mask, as LlamaGen samples. `prompt_labels` [P] optionally
+    gives the class each prompt asks for (-1: none), which `labels` returns for prompt accuracy.
     """
 
-    def __init__(self, gpt: GPT, vq: VQModel, prompt_features: PromptFeatures):
+    def __init__(self, gpt: GPT, vq: VQModel, prompt_features: PromptFeatures,
+                 prompt_labels: Sequence[int] | torch.Tensor | None = None):
         c = gpt.config
         if c.model_type != "t2i":
             raise ValueError("LlamaGenT2IPolicy needs a text-to-image GPT (model_type t2i), got model_type "
@@ -40,18 +43,27 @@ class LlamaGenT2IPolicy(Policy):
         super().__init__(gpt, vq.eval().requires_grad_(False))
         object.__setattr__(self, "prompt_features", prompt_features)
         self.num_conditions = len(prompt_features)
+        table = torch.full((self.num_conditions,), -1) if prompt_labels is None else torch.as_tensor(prompt_labels)
+        if table.ndim != 1 or len(table) != self.num_conditions:
+            raise ValueError(f"prompt_labels must give one label per prompt ({self.num_conditions}), got shape "
+                             f"{tuple(table.shape)}")
+        self.register_buffer("prompt_labels", table.long(), persistent=False)
         self.num_tokens = c.block_size
         self.vocab_size = c.vocab_size
+
+    def labels(self, conditions: torch.Tensor) -> torch.Tensor:
+        self.check_conditions(conditions)
+        return self.prompt_labels[conditions]
 
     def captions(self, conditions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Caption features [N, L, D] float32 and mask [N, L] of condition ids [N], on the network's device."""
         self.check_conditions(conditions)
         return self.prompt_features.lookup(conditions, self.device)
 
-    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                drop_conditions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         features, mask = self.captions(conditions)
-        return caption_token_logprobs(self.net, features, mask, tokens, temperature)
+        return caption_token_logprobs(self.net, features, mask, tokens, temperature, drop_captions=drop_conditions)
 
     @torch.no_grad()
     def rollout(self, conditions: torch.Tensor, sampling: SamplingConfig,

@@ -13,8 +13,11 @@ Same module names, shapes and maths as FoundationVision's VAR, so the released `
   LayerNorm eps 1e-6 without affine weights, FFN ratio 4 with tanh-GELU. Attention L2-normalises q and
   k per head and multiplies q by exp(min(scale_mul_1H11, log 100)), a learned per-head log-scale
   (initialised to log 4); q and v have biases, k a zero bias buffer.
-- Mask: block-causal by scale (`attn_bias_for_masking`, 0 / -inf): a token sees every token of its own
-  scale and of the earlier ones. `lvl_1L` holds each position's scale.
+- Mask: block-causal by scale (`attn_bias_for_masking`, 0 where a token may look, else VAR's -inf): a token
+  sees every token of its own scale and of the earlier ones. `lvl_1L` holds each position's scale. Here the
+  mask holds the most negative finite float32 (`MASKED`) instead of -inf, also after loading VAR's files:
+  the softmax is the same (exp underflows to exactly 0), and every tensor of a fine-tuned network stays
+  finite, so that the GRPO loop's check that no non-finite weight is ever written guards real weights.
 - Head: LN(x) (1 + scale) + shift from SiLU -> Linear(C, 2C) (`head_nm`), then Linear(C, V).
 
 Sampling runs one forward per scale with a KV cache; all pn^2 tokens of a scale are drawn in parallel.
@@ -47,6 +50,8 @@ from argrpo.sampling import SamplingConfig, draw, filter_logits
 
 # VAR clamps the learned log-scale at log(100), computed in float32
 MAX_LOG_SCALE = float(torch.tensor(100.0).log())
+# the attention bias of a masked position: VAR's files hold -inf there (see the module docstring)
+MASKED = torch.finfo(torch.float32).min
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,7 @@ class VAR(nn.Module):
         scales = scale_of_tokens(config.patch_nums)  # [L]
         self.register_buffer("lvl_1L", scales[None].clone())
         visible = scales[:, None] >= scales[None, :]  # [L, L]: row i sees column j at its scale or before
-        mask = torch.zeros(L, L).masked_fill(~visible, float("-inf"))
+        mask = torch.zeros(L, L).masked_fill(~visible, MASKED)
         self.register_buffer("attn_bias_for_masking", mask[None, None])
         self.word_embed = nn.Linear(config.cvae, C)
         self.class_emb = nn.Embedding(config.num_classes + 1, C)  # row num_classes: the null class
@@ -401,11 +406,12 @@ def sample_scales_nocache(net: VAR, quantizer: MultiScaleQuantizer, labels: torc
 
 
 def token_logprobs(net: VAR, tokenizer: MSVQVAE, labels: torch.Tensor, tokens: torch.Tensor,
-                   temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher-forced log-probs and entropies [N, L] of `tokens` [N, L] under the conditional policy."""
+                   temperature: float = 1.0, drop_labels: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced log-probs and entropies [N, L] of `tokens` [N, L] under the conditional policy
+    (`drop_labels`: each label replaced by the null class with the network's cond-dropout rate)."""
     with torch.no_grad():  # the tokenizer is frozen: its features are data, not parameters
         inputs = tokenizer.var_input(tokens)  # [N, L - first_l, Cvae]
-    logp = (net(labels, inputs) / temperature).log_softmax(-1)  # [N, L, V]
+    logp = (net(labels, inputs, drop_labels=drop_labels) / temperature).log_softmax(-1)  # [N, L, V]
     chosen = logp.gather(-1, tokens[..., None])[..., 0]
     entropy = -(logp.exp() * logp).sum(-1)
     return chosen, entropy
@@ -422,8 +428,12 @@ def next_scale_loss(net: VAR, tokenizer: MSVQVAE, labels: torch.Tensor, tokens: 
 
 
 def load_var(path: str | Path, config: VARConfig) -> VAR:
-    """VAR weights from `var_d16.pth` ... `var_d30.pth` (bare state dicts; `weights_only=True`)."""
-    return load_into(VAR(config), read_state_dict(path), str(path)).eval()
+    """VAR weights from `var_d16.pth` ... `var_d30.pth` (bare state dicts; `weights_only=True`); the file's
+    -inf mask entries become `MASKED`."""
+    net = load_into(VAR(config), read_state_dict(path), str(path)).eval()
+    with torch.no_grad():
+        net.attn_bias_for_masking.clamp_(min=MASKED)
+    return net
 
 
 def load_msvq(path: str | Path, config: MSVQConfig) -> MSVQVAE:
@@ -468,9 +478,10 @@ class VARPolicy(Policy):
         self.check_conditions(conditions)
         return self.condition_classes[conditions]
 
-    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor,
-                temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-        return token_logprobs(self.net, self.tokenizer, self.labels(conditions), tokens, temperature)
+    def forward(self, conditions: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0,
+                drop_conditions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        return token_logprobs(self.net, self.tokenizer, self.labels(conditions), tokens, temperature,
+                              drop_labels=drop_conditions)
 
     @torch.no_grad()
     def rollout(self, conditions: torch.Tensor, sampling: SamplingConfig,

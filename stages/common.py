@@ -1,4 +1,4 @@
-"""What every stage script shares: the validated params, timing, the MLflow run, model loading.
+"""What every stage script shares: the validated params, timing, the MLflow run, condition sets, model loading.
 
 Every stage starts with `params()`, which validates the *whole* params file (every section, every GRPO
 variant, the cross-section checks), and runs its `main` through `run_stage`, which turns a params error
@@ -21,15 +21,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # stages run as scripts from a checkout, installed or not
 
 from argrpo import tracking  # noqa: E402
-from argrpo.checkpoints import load_gpt, load_vq  # noqa: E402
+from argrpo.conditions import ConditionSet, load_condition_set  # noqa: E402
 from argrpo.config import ConfigError, read_params  # noqa: E402
-from argrpo.generator import LlamaGenPolicy  # noqa: E402
+from argrpo.families import build_policy  # noqa: E402
 from argrpo.grpo import NonFiniteError  # noqa: E402
 from argrpo.params import Params, parse_params  # noqa: E402
+from argrpo.policy import Policy  # noqa: E402
 
 PARAMS_FILE = Path("params.yaml")
 BASE_DIR = Path("models/base")
 JUDGE_DIR = Path("models/judge")
+PROMPTS_FILES = {"train": Path("data/prompts_train.npz"), "eval": Path("data/prompts_eval.npz")}
 
 
 def params() -> Params:
@@ -72,19 +74,25 @@ def stage(name: str, logged_params: dict | None = None, run_name: str | None = N
 
 
 def base_paths() -> tuple[Path, Path]:
-    """(GPT, VQ) checkpoints the pretrain stage recorded: trained here, or the files named in `weights`."""
+    """(network, tokenizer) files the pretrain stage recorded: trained here, or the files named in `weights`."""
     manifest = json.loads((BASE_DIR / "manifest.json").read_text())
     return Path(manifest["gpt"]["path"]), Path(manifest["vq"]["path"])
 
 
-def load_policy(p: Params, weights: Path | None = None, device: torch.device | None = None) -> LlamaGenPolicy:
-    """The base generator as a policy on `device` (default: the configured one), in eval mode; `weights`
-    swaps in a fine-tuned network (a GRPO run's policy.pt)."""
+def condition_set(split: str) -> ConditionSet:
+    """What the condition ids of `split` mean ("train": GRPO and pretraining; "eval": sampling and
+    evaluation), as the prompts stage wrote it."""
+    return load_condition_set(PROMPTS_FILES[split])
+
+
+def load_policy(p: Params, weights: Path | None = None, device: torch.device | None = None,
+                conditions: ConditionSet | None = None) -> Policy:
+    """The base generator of the configured family as a policy over `conditions` (default: the training
+    condition set) on `device` (default: the configured one), in eval mode; `weights` swaps in a fine-tuned
+    network (a GRPO run's policy.pt)."""
     base_net, base_tokenizer = base_paths()
-    device = device or p.model.torch_device()
-    gpt = load_gpt(weights or base_net, p.model.gpt()).to(device)
-    vq = load_vq(base_tokenizer, p.model.vq()).to(device)
-    return LlamaGenPolicy(gpt, vq).eval()
+    conditions = conditions if conditions is not None else condition_set("train")
+    return build_policy(p.model, weights or base_net, base_tokenizer, conditions, device)
 
 
 def extractor(p: Params, side: str):
@@ -98,6 +106,12 @@ def extractor(p: Params, side: str):
     from argrpo.features import ClassifierFeatures
 
     device = p.model.torch_device()
+    if side == "reward" and p.ref_stats.reward_features == "torchvision_inception":
+        from argrpo.features import TorchvisionInceptionFeatures
+        from argrpo.weights import require_weights
+
+        require_weights(p.weights, ["reward_inception"])
+        return TorchvisionInceptionFeatures(p.weights.reward_inception, device=device)
     if p.ref_stats.features == "inception":
         from argrpo.inception import InceptionFeatures
         from argrpo.weights import require_weights
@@ -112,7 +126,9 @@ def preflight(p: Params, only: list[str] | None = None) -> None:
     """Fail in seconds, before any model is built, when a file the configuration needs is missing or wrong."""
     from argrpo.weights import model_shapes, needed_weights, require_weights
 
-    needed = needed_weights(p.model.source, p.instance_rewards(), p.ref_stats.features, p.weights.ref_stats)
+    needed = needed_weights(p.model.source, p.instance_rewards(), p.ref_stats.features, p.weights.ref_stats,
+                            text_encoder=p.prompts.encoder if p.model.text_conditional else "",
+                            scores=p.evaluate.scores, reward_features=p.ref_stats.reward_features)
     needed = [n for n in needed if only is None or n in only]
     if needed:
-        require_weights(p.weights, needed, model_shapes(p.model.gpt(), p.model.vq()))
+        require_weights(p.weights, needed, model_shapes(p.model.network(), p.model.tokenizer()), p.model.family)

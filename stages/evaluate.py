@@ -1,6 +1,10 @@
 """Stage evaluate: FID (full covariance), IS, precision / recall (k-NN), class accuracy and sampling
 cost of every configuration, against data/ref_stats.npz, with the evaluation network's features.
 
+Class accuracy counts the images whose condition has a class (the `labels` the sample stage wrote; for
+text-to-image the class a prompt asks for, so it is prompt accuracy). `evaluate.scores` adds mean reward-model
+scores, CLIP and HPSv2 against each image's prompt in the evaluation condition set, the aesthetic predictor.
+
 reports/metrics.json holds one row per configuration; the GRPO rows are means over their seeds,
 and reports/metrics_seeds.json holds every seed's row and the spread.
 """
@@ -11,30 +15,47 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import extractor, params, preflight, run_stage, stage, write_json
+from common import condition_set, extractor, params, preflight, run_stage, stage, write_json
 
 from argrpo.data import load_dataset, to_tensor
 from argrpo.distributed import cleanup, init_distributed
 from argrpo.features import extract
 from argrpo.metrics import EvaluateConfig, compute_metrics, load_ref_stats
+from argrpo.params import Params
+from argrpo.rewards.options import RewardOptions, build_rewards
 
 KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "forward_passes_per_image", "seconds_per_image")
 
 
-def evaluate_config(npz: Path, extractor, ref: dict, cfg: EvaluateConfig) -> dict[str, float]:
+def evaluate_config(npz: Path, extractor, ref: dict, cfg: EvaluateConfig, scorers: dict) -> dict[str, float]:
     with np.load(npz) as z:
-        images, labels = to_tensor(z["images"]), torch.from_numpy(z["labels"])
+        images, labels = to_tensor(z["images"]), z["labels"]
+        conditions = torch.from_numpy(z["conditions"] if "conditions" in z.files else z["labels"])
     features, probs = extract(extractor, images)
     row = compute_metrics(ref["features"], features, probs, ref["mu"], ref["sigma"], k=cfg.k, splits=cfg.is_splits)
-    row["class_accuracy"] = float((probs.argmax(1) == labels.numpy()).mean()) if probs.shape[1] > 1 else float("nan")
+    known = labels >= 0  # images whose condition has a class
+    row["class_accuracy"] = (float((probs.argmax(1)[known] == labels[known]).mean())
+                             if probs.shape[1] > 1 and known.any() else float("nan"))
+    for name, (scorer, _) in scorers.items():
+        scores = [scorer(images[i : i + cfg.batch_size], conditions[i : i + cfg.batch_size]).double()
+                  for i in range(0, len(images), cfg.batch_size)]
+        row[f"{name}_score"] = float(torch.cat(scores).nanmean())
     row.update({k: v for k, v in json.loads(npz.with_suffix(".json").read_text()).items() if k in KEYS})
     return row
+
+
+def score_models(p: Params) -> dict:
+    """The reward models of `evaluate.scores` over the evaluation condition set, at scale 1."""
+    if not p.evaluate.scores:
+        return {}
+    return build_rewards(dict.fromkeys(p.evaluate.scores, 1.0), RewardOptions(), p.weights, condition_set("eval"),
+                         p.model.torch_device())
 
 
 def main() -> None:
     p = params()
     cfg = p.evaluate
-    preflight(p, ["inception"])
+    preflight(p, ["inception", "clip_weights", "hpsv2_weights", "aesthetic_weights"])
     dist = init_distributed(p.model.device)
     if not dist.is_main:  # scoring is cheap next to sampling: rank 0 evaluates, the others only join and leave
         cleanup()
@@ -42,18 +63,20 @@ def main() -> None:
     with stage("evaluate", p.raw.get("evaluate")) as run:
         eval_x = extractor(p, "eval")
         ref = load_ref_stats("data/ref_stats.npz")
-        rows = {f.stem: evaluate_config(f, eval_x, ref, cfg) for f in sorted(Path("samples").glob("*.npz"))}
+        scorers = score_models(p)
+        keys = KEYS + tuple(f"{name}_score" for name in scorers)
+        rows = {f.stem: evaluate_config(f, eval_x, ref, cfg, scorers) for f in sorted(Path("samples").glob("*.npz"))}
         metrics, groups = {}, {}
         for name, row in rows.items():
             seeded = re.fullmatch(r"(grpo_.+)_s(\d+)_nocfg", name)
             if seeded:
                 groups.setdefault(f"{seeded.group(1)}_nocfg", []).append(row)
             else:
-                metrics[name] = {k: row[k] for k in KEYS}
+                metrics[name] = {k: row[k] for k in keys}
         spread = {}
         for name, seed_rows in groups.items():
-            metrics[name] = {k: float(np.mean([r[k] for r in seed_rows])) for k in KEYS}
-            spread[name] = {k: float(np.std([r[k] for r in seed_rows])) for k in KEYS}
+            metrics[name] = {k: float(np.mean([r[k] for r in seed_rows])) for k in keys}
+            spread[name] = {k: float(np.std([r[k] for r in seed_rows])) for k in keys}
             spread[name]["seeds"] = len(seed_rows)
         # the floor a generator can reach: held-out real images scored the same way (fewer images, so a
         # slightly higher FID than the same number of real images would give)

@@ -1,7 +1,9 @@
 """Stage grpo@<variant>-<seed>: GRPO fine-tuning of the base generator, without CFG in the loss.
 
 The `grpo` section holds the settings every run shares; `grpo_runs.variants.<variant>` overrides
-them and the seed comes from the stage's matrix. Resumes from models/grpo/<run>/state.pt.
+them and the seed comes from the stage's matrix. Condition ids are drawn from the training condition
+set (data/prompts_train.npz: classes, (class, style) pairs or prompts), which also tells every reward
+what it scores an id against. Resumes from models/grpo/<run>/state.pt.
 """
 
 import argparse
@@ -10,36 +12,13 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from common import extractor, load_policy, params, preflight, run_stage, stage, write_json
+from common import JUDGE_DIR, condition_set, extractor, load_policy, params, preflight, run_stage, stage, write_json
 
-from argrpo.data import load_dataset
 from argrpo.distributed import cleanup, init_distributed
 from argrpo.grpo import train_grpo
 from argrpo.metrics import load_ref_stats
-from argrpo.params import Params
-from argrpo.rewards import build_reward
 from argrpo.rewards.loo_fid import LooFidReward
-
-
-def instance_rewards(p: Params, names: dict[str, float], class_names: list[str], device) -> dict:
-    w = p.weights
-    kwargs = {
-        "classifier": lambda: {"model_or_path": "models/judge/reward_classifier.pt", "device": device},
-        "clip": lambda: {"model_name": w.clip_model, "weights": w.clip_weights, "class_names": class_names,
-                         "device": device},
-        "hpsv2": lambda: {"weights": w.hpsv2_weights, "class_names": class_names, "device": device},
-        "maniqa": lambda: {"weights": w.maniqa_weights, "device": device},
-    }
-    return {name: (build_reward(name, **kwargs[name]()), weight) for name, weight in names.items()}
-
-
-def class_names_for(num_classes: int) -> list[str]:
-    """Prompt names: ImageNet's 1,000 categories for 1,000-class models, else the dataset's folder names."""
-    if num_classes == 1000:
-        from argrpo.imagenet import imagenet_class_names
-
-        return imagenet_class_names()
-    return load_dataset("data/dataset.npz").class_names
+from argrpo.rewards.options import build_rewards
 
 
 def main() -> None:
@@ -60,13 +39,16 @@ def main() -> None:
         if run:
             run.set_tags({"variant": args.variant, "seed": str(args.seed), "processes": str(dist.world_size)})
         torch.manual_seed(cfg.seed)
-        policy = load_policy(p, device=dist.device)
-        rewards = instance_rewards(p, cfg.rewards, class_names_for(p.model.num_classes), dist.device)
+        conditions = condition_set("train")  # what the ids GRPO draws mean, for the policy and the rewards
+        policy = load_policy(p, device=dist.device, conditions=conditions)
+        ref = load_ref_stats("data/reward_ref_stats.npz")  # the reward side's real-image moments and features
+        rewards = build_rewards(cfg.rewards, p.reward_options, p.weights, conditions, dist.device,
+                                classifier=JUDGE_DIR / "reward_classifier.pt",
+                                reward_features=lambda: (extractor(p, "reward"), torch.from_numpy(ref["features"])))
         loo_fid = None
         if cfg.fid_advantage_weight > 0:
-            ref = load_ref_stats("data/reward_ref_stats.npz")
-            mu, std = torch.from_numpy(ref["mu"]), torch.from_numpy(ref["std"])
-            loo_fid = LooFidReward.from_config(extractor(p, "reward"), mu, std, cfg.loo_fid)
+            mu, std, sigma = (torch.from_numpy(ref[key]) for key in ("mu", "std", "sigma"))
+            loo_fid = LooFidReward.from_config(extractor(p, "reward"), mu, std, cfg.loo_fid, ref_sigma=sigma)
         train_grpo(policy, rewards, loo_fid, cfg, out, dist=dist,
                    log=(lambda step, m: run.log_metrics(m, step)) if run else None)
         if not dist.is_main:

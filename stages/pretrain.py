@@ -1,16 +1,15 @@
-"""Stage pretrain: train the small VQ tokenizer and GPT (embedded default), or verify given checkpoints.
+"""Stage pretrain: train the embedded default's tokenizer and transformer (of the configured family), or
+verify the given checkpoints.
 
-Writes models/base/manifest.json naming the two checkpoints with their sha256, plus the checkpoints
-themselves when trained here (LlamaGen's format, read back through the loaders as a check).
+Writes models/base/manifest.json naming the two files with their sha256, plus the files themselves when
+trained here (in the family's published format, read back through its loaders as a check).
 """
 
 import torch
-from common import BASE_DIR, params, preflight, run_stage, stage, write_json
+from common import BASE_DIR, condition_set, params, preflight, run_stage, stage, write_json
 
-from argrpo.checkpoints import load_gpt, load_vq, save_checkpoint
 from argrpo.data import load_dataset
-from argrpo.generator import build_models
-from argrpo.pretrain import encode_all, train_gpt, train_vq
+from argrpo.families import load_models, pretrain_models, save_network
 from argrpo.weights import sha256_file
 
 
@@ -21,28 +20,23 @@ def main() -> None:
     BASE_DIR.mkdir(parents=True, exist_ok=True)
     with stage("pretrain", {"model": p.raw.get("model"), "pretrain": p.raw.get("pretrain")}) as run:
         if model.source == "weights":
-            gpt_path, vq_path = p.weights.gpt_checkpoint, p.weights.vq_checkpoint
-            load_gpt(gpt_path, model.gpt()), load_vq(vq_path, model.vq())  # right architecture, or a clear error
+            net_path, tokenizer_path = p.weights.gpt_checkpoint, p.weights.vq_checkpoint
+            load_models(model, net_path, tokenizer_path)  # right architecture, or a clear error
         else:
             torch.manual_seed(cfg.seed)
             gen = torch.Generator().manual_seed(cfg.seed)
             images, labels = load_dataset("data/dataset.npz").part("train")
-            gpt, vq = build_models(model)
-            vq = train_vq(vq, images, cfg.vq, gen, log=lambda s, m: run.log_metrics(m, s))
-            codes = encode_all(vq, images)  # [N, T]
-            used = codes.unique().numel()
-            gpt = train_gpt(gpt, codes, labels, cfg.gpt, gen, log=lambda s, m: run.log_metrics(m, s))
-            gpt_path, vq_path = BASE_DIR / "gpt.pt", BASE_DIR / "vq.pt"
-            save_checkpoint(gpt_path, gpt.state_dict())
-            save_checkpoint(vq_path, vq.state_dict())
-            load_gpt(gpt_path, model.gpt()), load_vq(vq_path, model.vq())  # they must read back
-            with torch.no_grad():
-                recon = vq.decode_tokens(codes[:512])
-                mse = torch.mean((recon - images[:512]) ** 2).item()
-            run.log_metrics({"vq_codes_used": used, "vq_recon_mse": mse})
-            print(f"pretrain: {used} of {model.vq().codebook_size} codes used, reconstruction MSE {mse:.4f}")
+            net, tokenizer, stats = pretrain_models(model, cfg, images, labels, condition_set("train"), gen,
+                                                    log=lambda s, m: run.log_metrics(m, s))
+            net_path, tokenizer_path = BASE_DIR / "gpt.pt", BASE_DIR / "vq.pt"
+            save_network(model, net_path, net.state_dict())
+            save_network(model, tokenizer_path, tokenizer.state_dict())
+            load_models(model, net_path, tokenizer_path)  # they must read back
+            run.log_metrics(stats)
+            print(f"pretrain ({model.family}): {stats['vq_codes_used']:.0f} of {model.tokenizer_vocab} codes used, "
+                  f"reconstruction MSE {stats['vq_recon_mse']:.4f}")
         manifest = {name: {"path": str(path), "sha256": sha256_file(path)}
-                    for name, path in (("gpt", gpt_path), ("vq", vq_path))}
+                    for name, path in (("gpt", net_path), ("vq", tokenizer_path))}
         write_json(BASE_DIR / "manifest.json", manifest)
         run.set_tags({f"sha256_{k}": v["sha256"] for k, v in manifest.items()})
 

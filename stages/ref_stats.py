@@ -6,6 +6,7 @@
 - data/reward_ref_stats.npz: the reward side's features of the train split, for LOO-FID.
 """
 
+import numpy as np
 from common import extractor, params, preflight, run_stage, stage
 
 from argrpo.data import load_dataset, to_tensor
@@ -16,29 +17,28 @@ from argrpo.metrics import save_ref_stats
 def main() -> None:
     p = params()
     cfg = p.ref_stats
-    preflight(p, ["inception", "ref_stats"])
+    preflight(p, ["inception", "ref_stats", "reward_inception"])
     with stage("ref_stats", p.raw.get("ref_stats")) as run:
         eval_x = extractor(p, "eval")
-        reward_x = extractor(p, "reward") if cfg.features == "classifier" else eval_x  # one Inception serves both
+        # one Inception serves both sides unless LOO-FID scores with its own network
+        shared = cfg.features == "inception" and cfg.reward_features == "same"
+        reward_x = eval_x if shared else extractor(p, "reward")
         data = load_dataset("data/dataset.npz")
-        ref_file = p.weights.ref_stats
-        if ref_file:  # an ADM-style reference batch (mu, sigma, arr_0) replaces the dataset's moments
-            import numpy as np
-
+        if p.weights.ref_stats:  # an ADM-style reference batch (mu, sigma, arr_0) replaces the dataset's moments
             from argrpo.inception import load_adm_reference
 
-            ref = load_adm_reference(ref_file, extractor=eval_x, batch_size=cfg.batch_size)
+            ref = load_adm_reference(p.weights.ref_stats, extractor=eval_x, batch_size=cfg.batch_size)
             np.savez("data/ref_stats.npz", **ref)
-            # one Inception for both sides: LOO-FID compares against the same reference moments
-            np.savez("data/reward_ref_stats.npz", mu=ref["mu"], sigma=ref["sigma"])
             run.log_metrics({"ref_images": len(ref.get("features", []))})
-            return
         else:
-            images = to_tensor(data.images)
-            save_ref_stats("data/ref_stats.npz", *extract(eval_x, images))
-        train_images, _ = data.part("train")  # the reward side never sees the evaluation network
-        save_ref_stats("data/reward_ref_stats.npz", reward_x.features(train_images).numpy())
-        run.log_metrics({"ref_images": len(data.labels), "reward_ref_images": len(train_images)})
+            save_ref_stats("data/ref_stats.npz", *extract(eval_x, to_tensor(data.images)))
+            run.log_metrics({"ref_images": len(data.labels)})
+        if shared and p.weights.ref_stats:  # LOO-FID compares against the same reference moments
+            np.savez("data/reward_ref_stats.npz", mu=ref["mu"], sigma=ref["sigma"])
+        else:
+            train_images, _ = data.part("train")  # the reward side never sees the evaluation network
+            save_ref_stats("data/reward_ref_stats.npz", reward_x.features(train_images).numpy())
+            run.log_metrics({"reward_ref_images": len(train_images)})
 
 
 if __name__ == "__main__":

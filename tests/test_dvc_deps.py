@@ -70,3 +70,20 @@ def test_the_closure_walk_finds_lazy_and_nested_imports():
                      "argrpo/rewards/__init__.py", "argrpo/__init__.py"):
         assert ROOT / expected in files, expected
     assert not covered(ROOT / "argrpo" / "gpt.py", ["stages/grpo.py", "argrpo/rewards"])
+
+
+def test_every_shipped_params_file_holds_every_param_dvc_yaml_names():
+    """DVC refuses to run a stage whose listed params are missing from params.yaml, so every params file a user
+    may copy over it (the default and configs/*.yaml) must hold them all, even where the defaults would do."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    names = sorted({p for stage in stages.values() for p in stage.get("params", []) if isinstance(p, str)})
+    missing = {}
+    for path in [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]:
+        raw = yaml.safe_load(path.read_text())
+        for dotted in names:
+            node = raw
+            for part in dotted.split("."):
+                node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                missing.setdefault(path.name, []).append(dotted)
+    assert missing == {}

@@ -10,11 +10,11 @@ from argrpo.entropy import EntropyConfig, EntropyController
 V = 16
 
 
-def controller(mode: str = "adaptive", total_steps: int = 20) -> EntropyController:
+def controller(mode: str = "adaptive", total_steps: int = 20, kind: str = "accumulating") -> EntropyController:
     # 20 steps: warm-up over steps 0-1 (10 %), constant, cosine decay from step 16 (80 %)
-    return EntropyController(mode, base_coef=2.2e-3, target=0.78, deadband=0.015, gain_k=3.0, min_coef=7e-5,
-                             max_coef=4e-3, warmup_frac=0.1, decay_start_frac=0.8, total_steps=total_steps,
-                             vocab_size=V)
+    cfg = EntropyConfig(mode, kind, base_coef=2.2e-3, target=0.78, deadband=0.015, gain_k=3.0, min_coef=7e-5,
+                        max_coef=4e-3, warmup_frac=0.1, decay_start_frac=0.8)
+    return EntropyController(cfg, total_steps=total_steps, vocab_size=V)
 
 
 def test_schedule_shape():
@@ -47,6 +47,32 @@ def test_scripted_entropy_sequence():
     assert ctl.normalised(0.5 * H) == pytest.approx(0.5)
 
 
+def test_the_accumulating_controller_uses_the_entropy_of_earlier_iterations():
+    ctl = controller()
+    H = math.log(V)
+    assert ctl.coefficient(2) == pytest.approx(2.2e-3)  # nothing observed yet: the base coefficient
+    ctl.observe(0.70 * H)
+    assert ctl.coefficient(3, entropy=0.10 * H) == pytest.approx(2.2e-3 * math.exp(0.24))  # this forward's ignored
+    ctl.observe(float("nan"))  # a non-finite measurement leaves the state alone
+    assert ctl.c == pytest.approx(2.2e-3 * math.exp(0.24))
+
+
+def test_stateless_controller_is_the_schedule_times_the_feedback_clamped():
+    ctl = controller(kind="stateless")
+    H = math.log(V)
+    trace = [(0, 0.70), (1, 0.70), (1, 0.79), (5, 0.30), (6, 0.90), (10, 1.0), (17, 0.70), (18, 0.78), (19, 0.2)]
+    for step, h_norm in trace:
+        err = 0.78 - h_norm
+        expected = 2.2e-3 * ctl.schedule(step) * (math.exp(3.0 * err) if abs(err) > 0.015 else 1.0)
+        assert ctl.coefficient(step, h_norm * H) == pytest.approx(min(max(expected, 7e-5), 4e-3), rel=1e-12)
+    assert ctl.coefficient(0, 0.70 * H) == 7e-5  # the warm-up's 0 is clamped up to the minimum
+    assert ctl.coefficient(5, 0.30 * H) == 4e-3  # 2.2e-3 * e^1.44 clamped down
+    ctl.observe(0.1 * H)  # nothing carries over between forwards
+    assert ctl.coefficient(10, 0.78 * H) == pytest.approx(2.2e-3) and ctl.c == pytest.approx(2.2e-3)
+    with pytest.raises(ValueError, match="needs the forward's entropy"):
+        ctl.coefficient(3)
+
+
 def test_fixed_and_off_modes_ignore_entropy():
     fixed, off = controller("fixed"), controller("off")
     for step, h in [(1, 0.0), (5, 0.0), (18, 10.0)]:
@@ -64,6 +90,7 @@ def test_state_dict_round_trip():
 
 @pytest.mark.parametrize("key, value, message", [
     ("mode", "pid", "grpo.entropy.mode must be one of off, fixed, adaptive, got 'pid'"),
+    ("controller", "pid", "grpo.entropy.controller must be one of accumulating, stateless, got 'pid'"),
     ("max_coef", 1e-5, "grpo.entropy.max_coef must be >= min_coef=7e-05, got 1e-05"),
     ("decay_start_frac", 0.01, "grpo.entropy.decay_start_frac must be in [warmup_frac=0.05, 1], got 0.01"),
     ("target", 1.5, "grpo.entropy.target must be in (0, 1], got 1.5"),

@@ -202,7 +202,7 @@ def test_sigkill_then_resume_finishes_like_an_uninterrupted_run(tmp_path):
     ({"group_size": 1}, "grpo.group_size must be >= 2, got 1"),
     ({"inner_epochs": 0}, "grpo.inner_epochs must be >= 1, got 0"),
     ({"rewards": {"classifer": 1.0}}, "grpo.rewards.classifer is not a known reward; valid rewards: aesthetic, "
-                                      "classifier, clip"),
+                                      "classifier, classifier_prob, clip"),
     ({"rewards": {"clip": -0.5}}, "grpo.rewards.clip must be >= 0, got -0.5"),
     ({"rewards": {"loo_fid": 1.0}}, "grpo.rewards.loo_fid is not an instance reward"),
     ({"ref_ema_decay": 1.0}, "grpo.ref_ema_decay must be in [0, 1), got 1.0"),

@@ -2,6 +2,7 @@
 
 import io
 
+import numpy as np
 import pytest
 import torch
 
@@ -172,3 +173,30 @@ def test_bad_settings_name_the_key(key, value, message):
     with pytest.raises(ConfigError) as err:
         load_section(LooFidConfig, {key: value}, "grpo.loo_fid")
     assert str(err.value) == message
+
+
+@pytest.mark.parametrize("n, dim", [(8, 16), (24, 6)])  # fewer samples than dimensions, and more
+def test_exact_full_covariance_loo_fid_equals_the_naive_recomputation(n, dim):
+    from argrpo.metrics import frechet_distance
+    from argrpo.rewards.loo_fid import full_loo_fid_rewards
+
+    g = torch.Generator().manual_seed(n)
+    real = torch.randn(300, dim, generator=g, dtype=torch.float64) @ torch.randn(dim, dim, generator=g,
+                                                                                 dtype=torch.float64)
+    mu_r, sigma_r = real.mean(0), torch.cov(real.T)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64) * 2 + 0.5
+    rewards, full = full_loo_fid_rewards(x, mu_r, sigma_r)
+
+    def naive(rows):  # clean-fid's formula with a D x D matrix square root
+        xs = x[rows].numpy()
+        return frechet_distance(xs.mean(0), np.cov(xs, rowvar=False), mu_r.numpy(), sigma_r.numpy())
+
+    assert full == pytest.approx(naive(list(range(n))), rel=1e-6)
+    loo = np.array([naive([j for j in range(n) if j != i]) for i in range(n)])
+    np.testing.assert_allclose(rewards.numpy() + full, loo, rtol=1e-6)
+    assert rewards.abs().max() > 1e-3  # the rewards differ from sample to sample: the comparison is real
+
+    reward = LooFidReward(None, mu_r, sigma_r.diagonal().sqrt(), mode="loo_batch", covariance="full",
+                          ref_sigma=sigma_r)
+    torch.testing.assert_close(reward.score(x), rewards.float())
+    assert reward.last_stats["batch_fid"] == pytest.approx(full)

@@ -14,6 +14,7 @@ from test_policy import Brightness, PixelFeatures, TablePolicy, config
 
 from argrpo.checkpoints import save_checkpoint
 from argrpo.classifier import DigitClassifier, save_classifier
+from argrpo.conditions import class_condition_set, save_condition_set
 from argrpo.data import DataConfig, prepare_dataset
 from argrpo.gpt import GPT, gpt_config
 from argrpo.grpo import NonFiniteError, score_rewards, train_grpo
@@ -80,8 +81,8 @@ def test_a_nan_feature_skips_that_step_and_moves_no_weight(tmp_path):
 
 def test_a_non_finite_loss_skips_the_update_and_is_counted(tmp_path):
     class Exploding(TablePolicy):
-        def forward(self, conditions, tokens, temperature=1.0):
-            logp, entropy = super().forward(conditions, tokens, temperature)
+        def forward(self, conditions, tokens, temperature=1.0, drop_conditions=False):
+            logp, entropy = super().forward(conditions, tokens, temperature, drop_conditions)
             return logp * float("inf") if self.training_calls_poisoned else logp, entropy
 
     policy = Exploding()
@@ -123,6 +124,7 @@ def stage_workspace(tmp_path: Path) -> Path:
     params["grpo"].update(steps=6, batch_classes=2, group_size=3, checkpoint_every=2)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     prepare_dataset(DataConfig(max_per_class=10), work / "data/dataset.npz")
+    save_condition_set(work / "data/prompts_train.npz", class_condition_set([str(i) for i in range(10)]))
     torch.manual_seed(0)
     gpt = GPT(gpt_config("tiny", vocab_size=64, num_classes=10, block_size=64))
     vq = VQModel(vq_config("tiny"))

@@ -37,6 +37,12 @@ BAD = [
     ("data.roots", "x", "is not a known parameter"),
     ("model.gpt_preset", "GPT-Z", "must be one of"),
     ("model.vq_preset", "VQ-32", "must be one of"),
+    ("model.family", "dalle", "must be one of llamagen, llamagen_t2i, var, got 'dalle'"),
+    ("model.gpt_preset", "VAR-d16", "must be one of GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, small, tiny for family "
+                                    "llamagen, got 'VAR-d16'"),
+    ("model.vq_preset", "VAR-VQVAE", "must be one of VQ-16, VQ-8, small, tiny for family llamagen"),
+    ("model.cls_token_num", 0, "must be >= 1, got 0"),
+    ("model.caption_dim", "wide", "must be an integer, got 'wide'"),
     ("model.image_size", 15, "must be divisible by the tokenizer's downsampling"),
     ("model.num_classes", 10.0, "must be an integer, got 10.0"),
     ("model.source", "hub", "must be 'embedded' or 'weights', got 'hub'"),
@@ -48,6 +54,19 @@ BAD = [
     ("weights.inception", None, "must be a string, got None"),
     ("weights.inception", 5, "must be a string, got 5"),
     ("weights.inception_path", "x", "is not a known parameter"),
+    ("weights.t5_dir", 3, "must be a string, got 3"),
+    ("weights.qwen_vl_dir", None, "must be a string, got None"),
+    ("prompts.train", "coco", "must be classes, digits or a prompt file (.txt or .jsonl), got 'coco'"),
+    ("prompts.eval", "prompts.csv", "must be classes, digits or a prompt file"),
+    ("prompts.template", "a photo", "must contain {name} (the class name) and no {style}"),
+    ("prompts.style_template", "a {name} in ink", "must contain {name} and {style}"),
+    ("prompts.styles", ["ink", "ink"], "must not repeat a style"),
+    ("prompts.eval_styles", [""], "must be non-empty strings"),
+    ("prompts.styles", "ink", "must be a list, got 'ink'"),
+    ("prompts.encoder", "clip", "must be one of stand_in, t5, got 'clip'"),
+    ("prompts.feature_dtype", "bfloat16", "must be one of float16, float32"),
+    ("prompts.batch_size", 0, "must be >= 1, got 0"),
+    ("prompts.max_length", 16, "is not a known parameter"),
     ("pretrain.seed", -1, "must be >= 0, got -1"),
     ("pretrain.vq.steps", 0, "must be >= 1, got 0"),
     ("pretrain.vq.lr", "fast", "must be a finite number, got 'fast'"),
@@ -88,7 +107,7 @@ BAD = [
     ("grpo.betas", [0.9, 1.5], "must be two numbers in [0, 1)"),
     ("grpo.weight_decay", -0.01, "must be >= 0, got -0.01"),
     ("grpo.grad_clip", 0, "must be > 0, got 0"),
-    ("grpo.precision", "fp8", "must be one of fp32, bf16, got 'fp8'"),
+    ("grpo.precision", "fp8", "must be one of fp32, bf16, bf16_params, got 'fp8'"),
     ("grpo.checkpoint_every", 0, "must be >= 1, got 0"),
     ("grpo.parallel", "tp", "must be one of ddp, fsdp, got 'tp'"),
     ("grpo.max_consecutive_skips", 0, "must be >= 1, got 0"),
@@ -98,6 +117,15 @@ BAD = [
     ("grpo.loo_fid.debias", "true", "must be true or false, got 'true'"),
     ("grpo.loo_fid.bootstrap_batches", 0, "must be >= 1, got 0"),
     ("grpo.loo_fid.emma_beta", 0.5, "is not a known parameter; valid keys of grpo.loo_fid:"),
+    ("grpo.loo_fid.covariance", "full", "full is exact only for mode loo_batch"),
+    ("grpo.loo_fid.bootstrap_weight", "half", "must be one of full, one_update"),
+    ("grpo.surrogate", "max", "must be one of pessimistic, optimistic, got 'max'"),
+    ("grpo.fid_term", "both", "must be one of joint, separate, got 'both'"),
+    ("grpo.group_reduction", "median", "must be one of mean, sum, got 'median'"),
+    ("grpo.ratio_dropout", "on", "must be true or false, got 'on'"),
+    ("grpo.update_chunks", "g", "must be one of micro_batch, group_member, got 'g'"),
+    ("grpo.entropy.controller", "pid", "must be one of accumulating, stateless, got 'pid'"),
+    ("ref_stats.reward_features", "clip", "must be one of same, torchvision_inception, got 'clip'"),
     ("grpo.entropy.mode", "auto", "must be one of off, fixed, adaptive"),
     ("grpo.entropy.target", 1.5, "must be in (0, 1], got 1.5"),
     ("grpo.entropy.gain_k", -1, "must be >= 0, got -1"),
@@ -107,6 +135,8 @@ BAD = [
     ("grpo.sampling.top_p", 0, "must be in (0, 1], got 0"),
     ("grpo.sampling.cfg_interval", -5, "must be >= -1"),
     ("grpo.sampling.cfg", 2.0, "is not a known parameter"),
+    ("grpo.sampling.compile", "fast", "must be one of off, default, reduce-overhead, got 'fast'"),
+    ("sample.compile", True, "must be one of off, default, reduce-overhead, got True"),
     ("grpo_runs.seeds", [], "must list at least one seed"),
     ("grpo_runs.seeds", [0, 0], "must not repeat a seed"),
     ("grpo_runs.seeds", [0, 1.5], "must be an integer, got 1.5"),
@@ -119,6 +149,17 @@ BAD = [
     ("grpo_runs.variants.loofid.typo", 1, "is not a known parameter"),
     ("grpo_runs.variants.bad/name", {}, "must be named with letters, digits, - and _ only"),
     ("grpo_runs.extra", 1, "is not a known parameter"),
+    ("reward_options.clip.scale", 0, "must be > 0, got 0"),
+    ("reward_options.hpsv2.scale", "x5", "must be a finite number, got 'x5'"),
+    ("reward_options.clip.sclae", 5, "is not a known parameter; valid keys of reward_options.clip: batch_size, scale"),
+    ("reward_options.vlm_judge.mode", "chat", "must be one of generate, logits, got 'chat'"),
+    ("reward_options.vlm_judge.judge", "pretty", "must be one of faithfulness, fake, weird, got 'pretty'"),
+    ("reward_options.vlm_fake.max_attempts", 0, "must be >= 1, got 0"),
+    ("reward_options.vlm_fake.judge", "weird", "is not a known parameter"),
+    ("reward_options.vlm_faithfulness.dtype", "int8", "must be one of bfloat16, float16, float32, got 'int8'"),
+    ("reward_options.maniqa.crops", 0, "must be >= 1, got 0"),
+    ("reward_options.aesthetic.batch_size", 2.5, "must be an integer, got 2.5"),
+    ("reward_options.loo_fid", {}, "is not a known parameter"),
     ("sample.num_images", 1, "must be >= 2, got 1"),
     ("sample.cfg_scale", 1.0, "must be > 1 (the guided row of the base model), got 1.0"),
     ("sample.temperature", -1, "must be > 0, got -1"),
@@ -127,6 +168,8 @@ BAD = [
     ("evaluate.k", 0, "must be >= 1, got 0"),
     ("evaluate.is_splits", 2.0, "must be an integer, got 2.0"),
     ("evaluate.batch_sizes", 2, "is not a known parameter"),
+    ("evaluate.scores", ["fid"], "must name scores among clip, hpsv2, aesthetic"),
+    ("evaluate.scores", ["clip", "clip"], "must not repeat a score"),
 ]
 
 # settings valid on their own that contradict another section
@@ -140,7 +183,36 @@ ACROSS = [
      "grpo_runs.variants.loofid.batch_classes must be divisible by the number of processes (2"),
     ({"judge.enabled": False}, "judge.enabled must be true when ref_stats.features or a GRPO reward is classifier"),
     ({"bogus_section": {}}, "bogus_section is not a known section"),
+    # a model family takes its own presets, image size, prompts and sampling
+    ({"model.family": "var", "model.gpt_preset": "GPT-B"}, "model.gpt_preset must be one of VAR-d16, VAR-d20, "
+     "VAR-d24, VAR-d30, small, tiny for family var, got 'GPT-B'"),
+    ({"model.family": "var", "model.vq_preset": "VQ-16"}, "model.vq_preset must be one of VAR-VQVAE, small, tiny "
+     "for family var"),
+    ({"model.family": "var", "model.vq_preset": "VAR-VQVAE"}, "model.image_size must be 256 for the multi-scale "
+     "VQVAE preset VAR-VQVAE"),
+    ({"model.family": "var", "grpo.sampling.cfg_interval": 3}, "grpo.sampling.cfg_interval must be -1 for "
+     "model.family var (VAR guides every scale on its ramp), got 3"),
+    ({"model.family": "llamagen_t2i"}, "prompts.train must be digits or a prompt file for model.family llamagen_t2i"),
+    ({"prompts.eval": "digits"}, "prompts.eval must be classes for model.family llamagen"),
+    ({"model.family": "llamagen_t2i", "prompts.train": "digits", "prompts.eval": "digits"},
+     "model.caption_dim must be 64, the stand-in text encoder's width (prompts.encoder stand_in), got 2048"),
+    ({"model.family": "llamagen_t2i", "model.caption_dim": 64, "prompts.train": "digits", "prompts.eval": "a.txt",
+      "prompts.styles": ["ink"]},
+     "prompts.styles must be empty for model.family llamagen_t2i"),
+    ({"model.family": "llamagen_t2i", "model.caption_dim": 64, "prompts.train": "digits", "prompts.eval": "digits",
+      "data.kind": "folder", "data.root": "images"}, "prompts.train must not be digits unless data.kind is digits"),
 ]
+
+
+def test_a_family_is_chosen_by_params_alone():
+    """The shipped embedded VAR and text-to-image params differ from the default only where they must."""
+    var = parse_params(read_params(ROOT / "configs/embedded_var.yaml"))
+    t2i = parse_params(read_params(ROOT / "configs/embedded_t2i.yaml"))
+    assert (var.model.family, t2i.model.family, parse_params(DEFAULT).model.family) == ("var", "llamagen_t2i",
+                                                                                         "llamagen")
+    assert var.model.network().num_tokens == 30 and var.model.tokenizer().patch_nums == (1, 2, 3, 4)
+    assert (t2i.model.gpt().model_type, t2i.model.gpt().cls_token_num, t2i.prompts.train) == ("t2i", 8, "digits")
+    assert parse_params(with_values({"model.family": "var"})).model.var().depth == 4  # one key switches the family
 
 
 def with_values(values: dict) -> dict:
@@ -177,13 +249,15 @@ def test_contradicting_sections_are_refused(values, message):
 
 
 def test_floats_in_exponent_form_mean_the_float():
-    text = (ROOT / "params.yaml").read_text().replace("lr: 0.0001", "lr: 5e-05")  # as `dvc exp run -S` writes it
-    raw = yaml.safe_load(text)
-    assert raw["grpo"]["lr"] == "5e-05"  # YAML 1.1 reads an exponent without a dot as a string
+    text = (ROOT / "params.yaml").read_text()
+    assert "  lr: 5.0e-05\n" in text
+    raw = yaml.safe_load(text.replace("  lr: 5.0e-05\n", "  lr: 2e-05\n"))  # as `dvc exp run -S` writes it
+    assert raw["grpo"]["lr"] == "2e-05"  # YAML 1.1 reads an exponent without a dot as a string
     p = parse_params(raw)
-    assert p.grpo.lr == 5e-5 and all(p.grpo_variant(v, 0).lr == 5e-5 for v in p.grpo_runs.variants)
+    assert p.grpo.lr == 2e-5 and all(p.grpo_variant(v, 0).lr == 2e-5 for v in p.grpo_runs.variants)
     p = parse_params(with_values({"grpo.rewards.classifier": "2e0", "grpo.steps": 80, "grpo.kl_beta": 1}))
-    assert p.grpo.rewards == {"classifier": 2.0} and p.grpo.kl_beta == 1.0
+    assert p.grpo.rewards["classifier"] == 2.0 and type(p.grpo.rewards["classifier"]) is float
+    assert p.grpo.kl_beta == 1.0 and type(p.grpo.kl_beta) is float
 
 
 def test_the_shipped_params_files_are_valid():
@@ -220,3 +294,11 @@ def test_dvc_repro_stops_at_prepare_within_seconds_on_a_bad_grpo_value(tmp_path)
     assert "params.yaml: grpo.lr must be a finite number, got 'fast'" in output
     assert "Traceback" not in output and not (repo / "data" / "dataset.npz").exists()
     assert elapsed < 10, elapsed
+
+
+def test_a_bare_off_turns_compilation_off():
+    # `dvc exp run -S sample.compile=off` writes a bare `off`, which YAML 1.1 reads as false
+    p = parse_params(with_values({"sample.compile": False, "grpo.sampling.compile": False}))
+    assert p.sample.sampling(2.0).compile == "off" and p.grpo.sampling.compile == "off"
+    p = parse_params(with_values({"sample.compile": "reduce-overhead", "grpo.sampling.compile": "default"}))
+    assert p.sample.sampling(2.0).compile == "reduce-overhead" and p.grpo.sampling.compile == "default"

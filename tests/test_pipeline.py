@@ -9,11 +9,12 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["argrpo", "stages", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"]
+COPY = ["argrpo", "stages", "configs", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"]
 
 SHRINK = {
     "data": {"max_per_class": 24},
@@ -40,8 +41,9 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return result
 
 
-@pytest.mark.slow
-def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
+def pipeline_repo(tmp_path: Path, params_file: str, shrink: dict, variants: dict | None = None) -> tuple[Path, dict]:
+    """A git + DVC repository holding the pipeline with `params_file` shrunk by `shrink` (and only `variants` as
+    the GRPO runs, when given), and its environment."""
     repo = tmp_path / "repo"
     repo.mkdir()
     for name in COPY:
@@ -50,7 +52,9 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
             shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         elif src.exists():
             shutil.copy(src, repo / name)
-    params = deep_update(yaml.safe_load((ROOT / "params.yaml").read_text()), SHRINK)
+    params = deep_update(yaml.safe_load((ROOT / params_file).read_text()), shrink)
+    if variants is not None:
+        params["grpo_runs"]["variants"] = variants
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": str(ROOT), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -59,10 +63,16 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     run([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "pipeline"], repo, env)
+    return repo, env
+
+
+@pytest.mark.slow
+def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
+    repo, env = pipeline_repo(tmp_path, "params.yaml", SHRINK)
 
     first = run([sys.executable, "-m", "dvc", "repro"], repo, env)
-    for stage in ["prepare", "pretrain", "judge", "ref_stats", "grpo@instance-0", "grpo@loofid-0", "sample",
-                  "evaluate", "report"]:
+    for stage in ["prepare", "prompts", "pretrain", "judge", "ref_stats", "grpo@instance-0", "grpo@loofid-0",
+                  "sample", "evaluate", "report"]:
         assert f"Running stage '{stage}'" in first.stdout, stage
 
     metrics = json.loads((repo / "reports/metrics.json").read_text())
@@ -86,17 +96,19 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     children = runs[runs["tags.stage"].notna()]
     assert children["tags.mlflow.parentRunId"].nunique() == 1  # one parent run groups this repro
     grpo_runs = children[children["tags.stage"] == "grpo"]
-    assert grpo_runs["metrics.entropy.coef"].notna().all()
+    assert grpo_runs["metrics.entropy/coef"].notna().all()  # metric keys keep their '/' for MLflow's grouping
 
     second = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout
 
-    # sweeps: two queued experiments run in copies through the DVC queue and report to the same store
+    # sweeps: two queued experiments run in copies through the DVC queue and report to the same store; one
+    # switches the model family by params alone (VAR, with VAR's base CFG), the same dvc.yaml running it
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "results"], repo, env)
-    # the most common sweep writes a float in exponent form (`lr: 5e-05`), which YAML reads as a string
-    for name, setting in (("fewer-steps", "grpo.steps=2"), ("lower-lr", "grpo.lr=5e-5")):
-        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, "-S", setting], repo, env)
+    # the most common sweep writes a float in exponent form (`lr: 2e-05`), which YAML reads as a string
+    for name, settings in (("var-face", ["model.family=var", "sample.cfg_scale=2.5"]), ("lower-lr", ["grpo.lr=2e-5"])):
+        sets = [arg for setting in settings for arg in ("-S", setting)]
+        run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *sets], repo, env)
     run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], repo, env)
     for _ in range(240):  # the worker runs in the background: poll its status, bounded
         status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, env).stdout
@@ -105,11 +117,49 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         time.sleep(5)
     assert "Failed" not in status and status.count("Success") == 2, status
     shown = run([sys.executable, "-m", "dvc", "exp", "show", "--csv"], repo, env).stdout
-    assert "fewer-steps" in shown and "lower-lr" in shown
+    assert "var-face" in shown and "lower-lr" in shown
     runs = mlflow.search_runs(experiment_names=["argrpo"])
     names = set(runs["tags.dvc_exp_name"].dropna())
-    assert {"fewer-steps", "lower-lr"} <= names, names
-    queued = runs[runs["tags.dvc_exp_name"].isin(["fewer-steps", "lower-lr"]) & (runs["tags.stage"] == "grpo")]
+    assert {"var-face", "lower-lr"} <= names, names
+    queued = runs[runs["tags.dvc_exp_name"].isin(["var-face", "lower-lr"]) & (runs["tags.stage"] == "grpo")]
     assert len(queued) == 4  # two GRPO variants per experiment
+    var = runs[(runs["tags.dvc_exp_name"] == "var-face") & runs["tags.stage"].isin(["prompts", "pretrain"])]
+    assert set(var["tags.stage"]) == {"prompts", "pretrain"}  # the family switch retrains the base model
+    assert set(var["params.model.family"]) == {"var"}
     lower = queued[queued["tags.dvc_exp_name"] == "lower-lr"]
-    assert set(lower["metrics.optim.lr"]) == {5e-5}, lower["metrics.optim.lr"]  # the run trained at that lr
+    assert set(lower["metrics.optim/lr"]) == {2e-5}, lower["metrics.optim/lr"]  # the run trained at that lr
+
+
+# the text-to-image face, shrunk further: one GRPO variant (with LOO-FID), fewer samples
+FACE_SHRINK = deep_update(json.loads(json.dumps(SHRINK)), {
+    "pretrain": {"vq": {"steps": 10}, "gpt": {"steps": 10}},
+    "grpo": {"steps": 2},
+    "sample": {"num_images": 40, "batch_size": 20},
+})
+
+
+@pytest.mark.slow
+def test_dvc_repro_runs_the_text_to_image_face(tmp_path: Path) -> None:
+    """The same dvc.yaml runs LlamaGen T2I (prompts with cached features), chosen by params alone (the VAR face
+    runs as a queued experiment in the test above)."""
+    repo, env = pipeline_repo(tmp_path, "configs/embedded_t2i.yaml", FACE_SHRINK,
+                              variants={"loofid": {"fid_advantage_weight": 2.0}})
+    done = run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    for stage in ["prepare", "prompts", "pretrain", "judge", "ref_stats", "grpo@loofid-0", "sample", "evaluate",
+                  "report"]:
+        assert f"Running stage '{stage}'" in done.stdout, stage
+    metrics = json.loads((repo / "reports/metrics.json").read_text())
+    assert set(metrics) == {"base_cfg", "base_nocfg", "grpo_loofid_nocfg"}
+    for name, row in metrics.items():
+        for key in ("fid", "precision", "recall", "class_accuracy"):
+            assert math.isfinite(row[key]), (name, key, row[key])
+    assert metrics["base_cfg"]["forward_passes_per_image"] == 2 * metrics["base_nocfg"]["forward_passes_per_image"]
+    results = (repo / "reports/results.md").read_text()
+    with np.load(repo / "samples/base_nocfg.npz") as z:
+        conditions, labels = z["conditions"], z["labels"]
+    # 160 evaluation prompts, each labelled with its digit; 8 caption rows + 15 decode steps per image
+    assert conditions.max() == 39 and (labels == np.tile(np.repeat(np.arange(10), 2), 8)[conditions]).all()
+    assert metrics["base_nocfg"]["forward_passes_per_image"] == 8 + 16 - 1
+    assert "Prompt acc." in results and "evaluation prompts" in results
+    assert (repo / "reports/grids/grpo_loofid_s0_nocfg.png").exists()
+    assert (repo / "models/grpo/loofid_s0/policy.pt").exists()

@@ -44,7 +44,7 @@ class TablePolicy(Policy):
         net.logits = nn.Parameter(torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(seed)))
         super().__init__(net, Palette())
 
-    def forward(self, conditions, tokens, temperature=1.0):
+    def forward(self, conditions, tokens, temperature=1.0, drop_conditions=False):
         logp = (self.net.logits[conditions] / temperature).log_softmax(-1)  # [N, 4, 5]
         return logp.gather(-1, tokens[..., None])[..., 0], -(logp.exp() * logp).sum(-1)
 

@@ -111,8 +111,10 @@ def test_guided_greedy_sampling_matches_hand_computation(model):
 @pytest.mark.parametrize("interval", [0, 6])
 def test_tokens_after_cfg_interval_follow_conditional_logits(model, interval):
     tokens = sample_tokens(model, LABELS, SamplingConfig(cfg_scale=4.0, cfg_interval=interval, top_k=1)).tokens
-    # cfg_interval = i guides tokens 0..i
-    assert torch.equal(tokens, greedy_by_hand(model, LABELS, 4.0, guided_tokens=interval + 1))
+    # cfg_interval = i guides tokens 0..i + 1, as LlamaGen's generate does (its first token comes from the
+    # prefill, then decode step j, which draws token j + 1, is guided while j <= i)
+    assert torch.equal(tokens, greedy_by_hand(model, LABELS, 4.0, guided_tokens=interval + 2))
+    assert not torch.equal(tokens, greedy_by_hand(model, LABELS, 4.0, guided_tokens=interval + 1))
     fully_guided = greedy_by_hand(model, LABELS, 4.0, guided_tokens=T)
     assert not torch.equal(tokens, fully_guided)
 

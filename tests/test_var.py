@@ -127,7 +127,8 @@ def test_scale_ids_mask_and_init():
     mask = model.attn_bias_for_masking[0, 0]
     for i in range(30):
         for j in range(30):
-            assert mask[i, j].item() == (0.0 if scales[j] <= scales[i] else float("-inf"))
+            # VAR's -inf, as the most negative finite float32: the same softmax, and a finite state dict
+            assert mask[i, j].item() == (0.0 if scales[j] <= scales[i] else torch.finfo(torch.float32).min)
     for block in model.blocks:
         torch.testing.assert_close(block.attn.scale_mul_1H11.exp(), torch.full((1, 2, 1, 1), 4.0))
         assert not block.attn.q_bias.any() and not block.attn.v_bias.any() and not block.attn.zero_k_bias.any()
@@ -246,6 +247,14 @@ def test_checkpoint_round_trip_and_clear_errors(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(LABELS, inputs), net(LABELS, inputs))
         assert not torch.equal(random_var(seed=1)(LABELS, inputs), net(LABELS, inputs))
+    state = net.state_dict()  # VAR's own files hold -inf where a token may not look: it loads as MASKED
+    state["attn_bias_for_masking"] = state["attn_bias_for_masking"].masked_fill(state["attn_bias_for_masking"] < 0,
+                                                                                float("-inf"))
+    save_state_dict(tmp_path / "var_inf.pth", state)
+    from_var = load_var(tmp_path / "var_inf.pth", net.config)
+    assert torch.isfinite(from_var.attn_bias_for_masking).all()
+    with torch.no_grad():
+        assert torch.equal(from_var(LABELS, inputs), net(LABELS, inputs))
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         load_var(tmp_path / "nowhere.pth", net.config)
     with pytest.raises(CheckpointError, match="shape mismatch for class_emb.weight"):

@@ -205,3 +205,73 @@ def test_weights_config_validation():
         load_section(WeightsConfig, {"inception": None}, "weights")
     with pytest.raises(ConfigError, match="weights.inception_path is not a known parameter"):
         load_section(WeightsConfig, {"inception_path": "x"}, "weights")
+
+
+def model_dir(path, model_type: str = "t5", weights: bool = True, tokenizer: bool = True):
+    """A directory laid out as transformers saves a model (file contents are not read by the check)."""
+    import json
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": model_type, "d_model": 2048}))
+    if weights:
+        (path / "model.safetensors").write_bytes(b"")
+    if tokenizer:
+        (path / "tokenizer.json").write_text("{}")
+    return str(path)
+
+
+def test_model_directories_of_t5_and_the_judge(tmp_path):
+    ok = check_file("t5_dir", model_dir(tmp_path / "flan-t5-xl"), "model_dir")
+    assert ok.ok and ok.sha256 is None and "t5 model (width 2048), 1 weight file(s)" in ok.message
+    missing = check_file("t5_dir", str(tmp_path / "nowhere"), "model_dir")
+    assert missing.missing and "weights.t5_dir: folder not found" in missing.message
+    assert "google/flan-t5-xl" in missing.message and "Hugging Face" in missing.message
+    unset = check_file("qwen_vl_dir", "", "model_dir")
+    assert unset.message.startswith("weights.qwen_vl_dir is not set.") and "Qwen2.5-VL-3B-Instruct" in unset.message
+    wrong = check_file("qwen_vl_dir", model_dir(tmp_path / "t5-as-judge"), "model_dir")
+    assert not wrong.ok and "model_type 't5', expected qwen2_5_vl" in wrong.message
+    empty = check_file("t5_dir", model_dir(tmp_path / "no-weights", weights=False), "model_dir")
+    assert not empty.ok and "has no weight files" in empty.message
+    bare = check_file("t5_dir", model_dir(tmp_path / "no-tokenizer", tokenizer=False), "model_dir")
+    assert not bare.ok and "has no tokenizer files" in bare.message
+    (tmp_path / "loose").mkdir()
+    assert "has no config.json" in check_file("t5_dir", str(tmp_path / "loose"), "model_dir").message
+
+
+def test_the_hint_names_the_file_of_the_configured_family(tmp_path):
+    var = check_file("gpt_checkpoint", str(tmp_path / "var_d16.pth"), "torch", family="var")
+    assert "var_d16.pth" in var.message and "FoundationVision/var" in var.message
+    assert "vae_ch160v4096z32.pth" in check_file("vq_checkpoint", "", "torch", family="var").message
+    t2i = check_file("gpt_checkpoint", "", "torch", family="llamagen_t2i")
+    assert "t2i_XL_stage1_256.pt" in t2i.message
+    assert "vq_ds16_t2i.pt" in check_file("vq_checkpoint", "", "torch", family="llamagen_t2i").message
+    assert "c2i_B_256.pt" in check_file("gpt_checkpoint", "", "torch").message
+
+
+def test_needed_weights_follow_the_rewards_the_text_encoder_and_the_scores():
+    from argrpo.weights import needed_weights
+
+    ar_grpo = ["clip", "clip_quantized", "hpsv2", "hpsv2_quantized", "maniqa", "vlm_faithfulness", "vlm_fake",
+               "vlm_weird"]
+    assert needed_weights("weights", ar_grpo, "inception", "", text_encoder="t5", scores=["clip", "hpsv2"]) == [
+        "gpt_checkpoint", "vq_checkpoint", "t5_dir", "clip_weights", "hpsv2_weights", "maniqa_weights",
+        "qwen_vl_dir", "inception"]
+    assert needed_weights("embedded", ["aesthetic"], "classifier", "") == ["aesthetic_weights", "clip_weights"]
+    assert needed_weights("embedded", ["classifier"], "classifier", "", text_encoder="stand_in") == []
+
+
+def test_a_var_checkpoint_is_checked_against_vars_shapes(tmp_path):
+    from argrpo.generator import ModelConfig
+    from argrpo.var import VAR, save_state_dict
+    from argrpo.weights import model_shapes
+
+    model = ModelConfig(family="var", gpt_preset="tiny", vq_preset="tiny", image_size=8, num_classes=3)
+    expected = model_shapes(model.network(), model.tokenizer())
+    path = tmp_path / "var_tiny.pth"
+    save_state_dict(path, VAR(model.var()).state_dict())
+    assert check_weights(WeightsConfig(gpt_checkpoint=str(path)), ["gpt_checkpoint"], expected, "var")[0].ok
+    save_checkpoint(tmp_path / "gpt.pt", GPT(gpt_config("tiny", vocab_size=64, block_size=16)).state_dict())
+    [wrong] = check_weights(WeightsConfig(gpt_checkpoint=str(tmp_path / "gpt.pt")), ["gpt_checkpoint"], expected,
+                            "var")
+    assert not wrong.ok and "does not fit the configured architecture" in wrong.message
+    assert "missing keys" in wrong.message and "var_d16.pth" in wrong.message

@@ -22,6 +22,8 @@ class Reward(Protocol):
 
 REWARDS: dict[str, str] = {
     "classifier": "argrpo.rewards.classifier:ClassifierReward",
+    "classifier_prob": "argrpo.rewards.classifier:ClassifierProbReward",
+    "realism": "argrpo.rewards.realism:RealismReward",
     "loo_fid": "argrpo.rewards.loo_fid:LooFidReward",
     "clip": "argrpo.rewards.clip:ClipReward",
     "clip_quantized": "argrpo.rewards.clip:QuantizedClipReward",
@@ -30,6 +32,10 @@ REWARDS: dict[str, str] = {
     "maniqa": "argrpo.rewards.maniqa:ManiqaReward",
     "aesthetic": "argrpo.rewards.aesthetic:AestheticReward",
     "vlm_judge": "argrpo.rewards.vlm_judge:VlmJudgeReward",
+    # AR-GRPO's three judges under their own names, so that one run can weight all three
+    "vlm_faithfulness": "argrpo.rewards.vlm_judge:FaithfulnessJudgeReward",
+    "vlm_fake": "argrpo.rewards.vlm_judge:FakeJudgeReward",
+    "vlm_weird": "argrpo.rewards.vlm_judge:WeirdJudgeReward",
 }
 
 

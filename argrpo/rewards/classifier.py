@@ -35,4 +35,15 @@ class ClassifierReward:
             logits = self.model(images[start : start + self.batch_size].to(device)).float()  # [n, C]
             y = labels[start : start + self.batch_size].to(device)
             scores.append(logits.log_softmax(-1).gather(-1, y[:, None])[:, 0])
-        return torch.cat(scores).to(images.device)
+        return self.shape(torch.cat(scores)).to(images.device)
+
+    def shape(self, logp: torch.Tensor) -> torch.Tensor:
+        return logp
+
+
+class ClassifierProbReward(ClassifierReward):
+    """p(label | image) rather than its log: bounded, so a hopeless sample cannot dominate a group's spread,
+    and the reward keeps separating clear samples from merely recognisable ones."""
+
+    def shape(self, logp: torch.Tensor) -> torch.Tensor:
+        return logp.exp()

@@ -347,3 +347,24 @@ class VlmJudgeReward:
         """Counters for logging: failures of the last call, failures since construction, retries of the last call."""
         return {"failures": float(self.last_failures), "failures_total": float(self.failures),
                 "retries": float(self.last_retries)}
+
+
+class FaithfulnessJudgeReward(VlmJudgeReward):
+    """`VlmJudgeReward` with AR-GRPO's faithfulness question (registered as vlm_faithfulness)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "judge": "faithfulness"})
+
+
+class FakeJudgeReward(VlmJudgeReward):
+    """`VlmJudgeReward` with AR-GRPO's "is it AI-generated" question (registered as vlm_fake)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "judge": "fake"})
+
+
+class WeirdJudgeReward(VlmJudgeReward):
+    """`VlmJudgeReward` with AR-GRPO's "any strange feature" question (registered as vlm_weird)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{**kwargs, "judge": "weird"})
