@@ -134,6 +134,7 @@ class SampleConfig:
     top_p: Float = 1.0
     seed: Int = 1234
     save_png: Int = 100  # PNG files written per configuration (all go into the .npz)
+    compile: str | bool = "off"  # off | default | reduce-overhead: the sampler as one compiled graph (same tokens)
 
     def __post_init__(self) -> None:
         require(self.num_images >= 2, "num_images", "must be >= 2", self.num_images)
@@ -143,7 +144,8 @@ class SampleConfig:
         self.sampling(self.cfg_scale)  # temperature, top-k and top-p are checked where they are used
 
     def sampling(self, cfg_scale: float) -> SamplingConfig:
-        return SamplingConfig(cfg_scale=cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return SamplingConfig(cfg_scale=cfg_scale, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                              compile=self.compile)
 
 
 class LlamaGenPolicy(Policy):

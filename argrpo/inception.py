@@ -7,6 +7,14 @@ bicubic filter in float (no re-quantisation), scaled by (x - 128) / 128 and pass
 network's `layers`, which end in the 2048-d pool3 features. Class probabilities are the softmax of
 the 1008-way output layer applied to pool3 without its bias, as the original TF Inception Score and
 StyleGAN2-ADA's `no_output_bias=True` compute them.
+
+On a GPU the resize runs on the device (`resize="auto"`): the same uint8 quantisation, then torch's
+antialiased bicubic (`F.interpolate(..., mode="bicubic", antialias=True)`: PIL's filter, a = -0.5, its
+support widened by the scale factor when shrinking) computed in float64 as PIL accumulates, clipped to
+[0, 255] as clean-fid clips, returned in float32. It equals clean-fid's PIL resize within
+`DEVICE_RESIZE_ATOL` = 1e-4 on the 0-255 scale (measured: 1.5e-5, one float32 step, for 8 to 512 px
+inputs including full-contrast noise; in float32 the sums drift by up to 9e-3), and saves the host's
+milliseconds per image and the images' round trip through host memory (reports/bench_grpo.md).
 """
 
 from __future__ import annotations
@@ -23,6 +31,21 @@ from tqdm.auto import tqdm
 from argrpo.data import to_tensor, to_uint8
 
 INCEPTION_SIZE = 299
+RESIZES = ("auto", "pil", "device")
+DEVICE_RESIZE_ATOL = 1e-4  # |device resize - clean-fid resize| on the 0-255 scale (tests/test_inception.py)
+
+
+def quantise(images: torch.Tensor) -> torch.Tensor:
+    """Images [N, 3, H, W] in [-1, 1] -> the uint8 values `to_uint8` saves, as float32 [N, 3, H, W] in [0, 255]."""
+    return images.detach().float().clamp(-1, 1).add(1).mul(127.5).round()
+
+
+def resize_on_device(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
+    """clean-fid's "clean" resize where `images` [N, 3, H, W] in [-1, 1] are: [N, 3, size, size] float32 in
+    [0, 255], within DEVICE_RESIZE_ATOL of clean-fid's PIL bicubic in float (no re-quantisation)."""
+    pixels = quantise(images).double()  # float64, as PIL accumulates: float32 sums drift by up to 1e-2
+    resized = F.interpolate(pixels, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return resized.clamp(0, 255).float()
 
 
 class InceptionFeatures:
@@ -30,17 +53,23 @@ class InceptionFeatures:
 
     features(images) -> pool3 [N, 2048]; class_probs(images) -> softmax [N, 1008]; images
     [N, 3, H, W] in [-1, 1]. Both return float32 on the device of `images`.
+
+    `resize`: "pil" is clean-fid's resize on the host, exactly; "device" is `resize_on_device` on the
+    extractor's device; "auto" (default) takes "device" on a GPU and "pil" elsewhere.
     """
 
-    def __init__(self, path: str, device: str | torch.device = "cpu", batch_size: int = 64):
+    def __init__(self, path: str, device: str | torch.device = "cpu", batch_size: int = 64, resize: str = "auto"):
         from cleanfid.resize import make_resizer
 
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Inception TorchScript file not found: {path}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {', '.join(RESIZES)}, got {resize!r}")
         self.device = torch.device(device)
         self.batch_size = batch_size
+        self.on_device = resize == "device" or (resize == "auto" and self.device.type == "cuda")
         self.model = torch.jit.load(path, map_location=self.device).eval()
         for name in ("layers", "output"):
             if not hasattr(self.model, name):
@@ -50,6 +79,8 @@ class InceptionFeatures:
 
     def network_input(self, images: torch.Tensor) -> torch.Tensor:
         """Images [n, 3, H, W] in [-1, 1] -> [n, 3, 299, 299] float32 in [0, 255], clean-resized."""
+        if self.on_device:
+            return resize_on_device(images.to(self.device))
         pixels = to_uint8(images)  # [n, H, W, 3] uint8, as the images would be saved to disk
         resized = np.stack([self.resize(image) for image in pixels])  # [n, 299, 299, 3] float32
         return torch.from_numpy(resized).permute(0, 3, 1, 2).contiguous()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from argrpo.data import to_tensor
 from argrpo.features import FeatureExtractor
-from argrpo.inception import InceptionFeatures, load_adm_reference
+from argrpo.inception import DEVICE_RESIZE_ATOL, InceptionFeatures, load_adm_reference, resize_on_device
 from argrpo.metrics import feature_moments, frechet_distance, inception_score, precision_recall
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -164,6 +164,53 @@ def test_metrics_through_the_extractor_match_the_direct_calls(small_path):
     assert precision_recall(real_features, fake_features, k=3) == pytest.approx(
         precision_recall(direct_real.numpy(), direct_fake.numpy(), k=3)
     )
+
+
+def clean_fid_resized(pixels: np.ndarray) -> torch.Tensor:
+    """clean-fid's "clean" resize of uint8 [n, H, W, 3] on the host -> [n, 3, 299, 299] float32."""
+    from cleanfid.resize import build_resizer
+
+    resize = build_resizer("clean")
+    return torch.from_numpy(np.stack([resize(p) for p in pixels])).permute(0, 3, 1, 2)
+
+
+def check_device_resize(pixels: np.ndarray, device: str) -> None:
+    reference = clean_fid_resized(pixels)
+    ours = resize_on_device(to_tensor(pixels).to(device)).cpu()
+    assert ours.shape == reference.shape and ours.dtype == torch.float32
+    assert (ours - reference).abs().max() <= DEVICE_RESIZE_ATOL
+    # the check has teeth: torch's plain bicubic (a = -0.75, no antialiasing), the usual shortcut, is far off
+    plain = F.interpolate(torch.from_numpy(pixels).permute(0, 3, 1, 2).float(), size=(299, 299), mode="bicubic")
+    assert (plain.clamp(0, 255) - reference).abs().max() > 100 * DEVICE_RESIZE_ATOL
+
+
+def full_contrast_noise(size: int, seed: int) -> np.ndarray:
+    """uint8 [1, size, size, 3] of 0 and 255 at random: the largest sums the filter can meet."""
+    return (np.random.default_rng(seed).integers(0, 2, size=(1, size, size, 3)) * 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("size", [16, 48, 256, 384])
+def test_device_resize_equals_clean_fid_within_tolerance(size):
+    """Upsampling (16, 48, 256 px) and antialiased shrinking (384 px) to 299."""
+    check_device_resize(np.concatenate([smooth_pixels(2, size, seed=size), full_contrast_noise(size, size)]), "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_device_resize_on_the_gpu_equals_clean_fid_within_tolerance():
+    check_device_resize(np.concatenate([smooth_pixels(3, 256, seed=7), full_contrast_noise(384, 7)[:, :256, :256]]),
+                        "cuda")
+
+
+def test_resize_modes_of_the_extractor(full_path):
+    pixels = smooth_pixels(3, 40, seed=8)
+    host = InceptionFeatures(full_path).features(to_tensor(pixels))  # "auto" on a CPU: clean-fid's own resize
+    expected, _ = direct_outputs(full_path, pixels)
+    torch.testing.assert_close(host, expected, atol=1e-5, rtol=1e-5)
+    device = InceptionFeatures(full_path, resize="device").features(to_tensor(pixels))
+    torch.testing.assert_close(device, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="resize must be one of auto, pil, device, got 'bilinear'"):
+        InceptionFeatures(full_path, resize="bilinear")
 
 
 def test_rejects_missing_and_foreign_files(tmp_path):

@@ -135,6 +135,8 @@ BAD = [
     ("grpo.sampling.top_p", 0, "must be in (0, 1], got 0"),
     ("grpo.sampling.cfg_interval", -5, "must be >= -1"),
     ("grpo.sampling.cfg", 2.0, "is not a known parameter"),
+    ("grpo.sampling.compile", "fast", "must be one of off, default, reduce-overhead, got 'fast'"),
+    ("sample.compile", True, "must be one of off, default, reduce-overhead, got True"),
     ("grpo_runs.seeds", [], "must list at least one seed"),
     ("grpo_runs.seeds", [0, 0], "must not repeat a seed"),
     ("grpo_runs.seeds", [0, 1.5], "must be an integer, got 1.5"),
@@ -292,3 +294,11 @@ def test_dvc_repro_stops_at_prepare_within_seconds_on_a_bad_grpo_value(tmp_path)
     assert "params.yaml: grpo.lr must be a finite number, got 'fast'" in output
     assert "Traceback" not in output and not (repo / "data" / "dataset.npz").exists()
     assert elapsed < 10, elapsed
+
+
+def test_a_bare_off_turns_compilation_off():
+    # `dvc exp run -S sample.compile=off` writes a bare `off`, which YAML 1.1 reads as false
+    p = parse_params(with_values({"sample.compile": False, "grpo.sampling.compile": False}))
+    assert p.sample.sampling(2.0).compile == "off" and p.grpo.sampling.compile == "off"
+    p = parse_params(with_values({"sample.compile": "reduce-overhead", "grpo.sampling.compile": "default"}))
+    assert p.sample.sampling(2.0).compile == "reduce-overhead" and p.grpo.sampling.compile == "default"
