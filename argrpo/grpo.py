@@ -381,6 +381,7 @@ def grpo_step(run: GRPORun, rewards: Mapping[str, tuple[Reward, float]], loo_fid
     sample = rollout(run, conditions, cfg)  # tokens: [b*G, L]
     timer.lap("rollout")
     images = decode_images(run.policy, sample.tokens, cfg.decode_batch)  # [b*G, 3, H, W]
+    run.last_images = images[::G].detach().float().cpu()  # one image per drawn condition: [b, 3, H, W]
     timer.lap("decode")
 
     composite, metrics = score_rewards(rewards, images, conditions)
@@ -468,6 +469,7 @@ def train_grpo(
     out_dir: str | Path,
     *,
     log: Callable[[int, dict[str, float]], None] | None = None,
+    log_images: Callable[[int, torch.Tensor], None] | None = None,
     progress: bool = True,
     dist: Dist | None = None,
 ) -> Policy:
@@ -476,7 +478,9 @@ def train_grpo(
     `rewards`: name -> (instance reward, weight), typically built from `cfg.rewards`; `loo_fid`: the
     distribution-level reward (None: off). Writes out_dir/state.pt every `checkpoint_every` steps,
     out_dir/curves.csv (one row of metrics per step) and, at the end, out_dir/policy.pt: the network's
-    weights in its family's layout. `log(step, metrics)` receives every `log_every`-th step's metrics.
+    weights in its family's layout. `log(step, metrics)` receives every `log_every`-th step's metrics,
+    `log_images(step, images [b, 3, H, W] in [-1, 1])` one rollout image per condition of every
+    `checkpoint_every`-th step (from step 0).
 
     Under torchrun every process calls this with the same arguments and its `dist`: each rolls out
     batch_classes / world_size conditions, the gradient is averaged over processes, and only rank 0 logs,
@@ -501,6 +505,8 @@ def train_grpo(
         run.history.append(metrics)
         if main and log is not None and run.step % cfg.log_every == 0:
             log(run.step, metrics)
+        if main and log_images is not None and run.step % cfg.checkpoint_every == 0:
+            log_images(run.step, run.last_images)
         if run.skipped_in_row >= cfg.max_consecutive_skips:
             if main:
                 write_curves(curves_path, run.history)

@@ -42,6 +42,8 @@ class GRPORun:
     skipped_in_row: int = 0  # consecutive iterations whose update was skipped for a non-finite value
     dist: Dist = field(default_factory=Dist)
     trainer: torch.nn.Module | None = None  # the update's forward/backward: the policy or its DDP wrapper
+    # the last rollout's images on this process (its first group members), for logging; not checkpointed
+    last_images: torch.Tensor | None = None  # [n, 3, H, W] in [-1, 1], CPU
 
     @property
     def train_module(self) -> torch.nn.Module:

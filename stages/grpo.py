@@ -65,7 +65,9 @@ def main() -> None:
             mu, std, sigma = (torch.from_numpy(ref[key]) for key in ("mu", "std", "sigma"))
             loo_fid = LooFidReward.from_config(extractor(p, "reward"), mu, std, cfg.loo_fid, ref_sigma=sigma)
         train_grpo(policy, rewards, loo_fid, cfg, out, dist=dist,
-                   log=(lambda step, m: run.log_metrics(m, step)) if run else None)
+                   log=(lambda step, m: run.log_metrics(m, step)) if run else None,
+                   # the rollout's images as one grid per checkpoint: the MLflow UI shows them with a step slider
+                   log_images=(lambda step, images: run.log_image(images, "rollout", step)) if run else None)
         if not dist.is_main:
             cleanup()
             return

@@ -187,10 +187,15 @@ def test_grpo_on_tiny_t2i_with_prompt_rewards(tmp_path, offline):
     labelled = build_rewards({"classifier": 1.0}, RewardOptions(), WeightsConfig(), conditions, "cpu",
                              classifier=tmp_path / "classifier.pt")
     rewards = {"clip": (clip.variant(quantize=False, scale=5.0), 1.0), **labelled}
-    logged = []
+    logged, shown = [], []
     cfg = grpo_config(sampling=SamplingConfig(cfg_scale=2.0), ratio_level="token",
                       rewards={"clip": 1.0, "classifier": 1.0})
-    train_grpo(policy, rewards, None, cfg, tmp_path / "run", log=lambda step, m: logged.append(m), progress=False)
+    train_grpo(policy, rewards, None, cfg, tmp_path / "run", log=lambda step, m: logged.append(m), progress=False,
+               log_images=lambda step, images: shown.append((step, images)))
+    # one rollout image per drawn condition at every checkpoint step, in the decoder's range
+    assert [step for step, _ in shown] == [0, 1]
+    assert all(images.shape == (2, 3, 8, 8) and images.abs().max() <= 1 for _, images in shown), \
+        [images.shape for _, images in shown]
     assert all(torch.isfinite(torch.tensor([m["reward/clip_mean"], m["reward/classifier_mean"]])).all()
                for m in logged)
     moved = [k for k, v in policy.net.state_dict().items() if not torch.equal(v, start[k])]

@@ -103,6 +103,9 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
                                                  "grpo_loofid_s0_nocfg"}
     assert per_run["metrics.fid"].notna().all() and set(per_run["status"]) == {"FINISHED"}
     grpo_runs = children[children["tags.stage"] == "grpo"]
+    client = mlflow.MlflowClient(env["MLFLOW_TRACKING_URI"])
+    for run_id in grpo_runs["run_id"]:  # rollout images at the checkpoint steps, for the UI's step slider
+        assert any("rollout" in a.path for a in client.list_artifacts(run_id, "images")), run_id
     assert grpo_runs["metrics.entropy/coef"].notna().all()  # metric keys keep their '/' for MLflow's grouping
 
     second = run([sys.executable, "-m", "dvc", "repro"], repo, env)
