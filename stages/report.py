@@ -2,6 +2,7 @@
 the GRPO curves, a FID-against-recall plot and reports/timings.json (seconds per stage)."""
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -85,22 +86,30 @@ def main() -> None:
         seeds = json.loads((REPORTS / "metrics_seeds.json").read_text())
         judge_file = REPORTS / "judge.json"
         judge = json.loads(judge_file.read_text()) if judge_file.exists() else {}
-        (REPORTS / "grids").mkdir(exist_ok=True)
+        # only what the current params define: runs dropped from the matrix leave files behind, never rows
+        runs = [f"{v}_s{seed}" for v in p.grpo_runs.variants for seed in p.grpo_runs.seeds]
+        configurations = {"base_cfg", "base_nocfg", *(f"grpo_{r}_nocfg" for r in runs)}
+        stages = {"prepare", "prompts", "pretrain", "judge", "ref_stats", "sample", "evaluate",
+                  *(f"grpo@{v}-{seed}" for v in p.grpo_runs.variants for seed in p.grpo_runs.seeds)}
+        grids = REPORTS / "grids"
+        if grids.exists():
+            shutil.rmtree(grids)
+        grids.mkdir()
         evaluation = condition_set("eval")
         plain_classes = evaluation.features is None and len(evaluation) == int(evaluation.classes.max()) + 1
-        for npz in sorted(Path("samples").glob("*.npz")):
+        for npz in sorted(f for f in Path("samples").glob("*.npz") if f.stem in configurations):
             with np.load(npz) as z:
                 # one row per class; prompts and (class, style) pairs: one row per condition, labelled with its prompt
                 grid = (image_grid(z["images"], z["labels"]) if plain_classes
                         else prompt_grid(z["images"], z["conditions"], evaluation.prompts))
                 grid.save(REPORTS / "grids" / f"{npz.stem}.png")
-        curves = sorted((REPORTS / "grpo").glob("*.csv"))
+        curves = [REPORTS / "grpo" / f"{r}.csv" for r in runs if (REPORTS / "grpo" / f"{r}.csv").exists()]
         if curves:
             plot_curves(curves, REPORTS / "grpo_curves.png")
-        plot_fid_recall(seeds["per_run"], REPORTS / "fid_vs_recall.png")
-        timings = {json.loads(f.read_text())["stage"]: round(json.loads(f.read_text())["seconds"], 1)
-                   for f in sorted((REPORTS / "timings").glob("*.json"))}
-        timings.pop("report", None)
+        plot_fid_recall({k: v for k, v in seeds["per_run"].items() if k in configurations},
+                        REPORTS / "fid_vs_recall.png")
+        recorded = (json.loads(f.read_text()) for f in sorted((REPORTS / "timings").glob("*.json")))
+        timings = {t["stage"]: round(t["seconds"], 1) for t in recorded if t["stage"] in stages}
         timings["report"] = round(time.perf_counter() - started, 1)  # up to here: the report writes this file
         timings["total"] = round(sum(timings.values()), 1)
         write_json(REPORTS / "timings.json", timings)

@@ -199,7 +199,16 @@ def killed_dvc_repro_resumes_grpo(repo: Path, env: dict) -> None:
     running = mlflow.search_runs(experiment_names=["argrpo"], filter_string="attributes.status = 'RUNNING'")
     assert running.empty, running[["tags.mlflow.runName"]]
     (repo / "params.yaml").write_text(original)
+    # what a run dropped from the matrix leaves behind is never reported (seeds [0] here; a seed 7 ran once)
+    shutil.copy(repo / "reports/grpo/instance_s0.csv", repo / "reports/grpo/instance_s7.csv")
+    (repo / "reports/timings/grpo_instance-7.json").write_text(json.dumps({"stage": "grpo@instance-7",
+                                                                            "seconds": 999.0}))
+    shutil.copy(repo / "reports/grids/base_cfg.png", repo / "reports/grids/grpo_instance_s7_nocfg.png")
     run([sys.executable, "-m", "dvc", "repro"], repo, env)
+    timings = json.loads((repo / "reports/timings.json").read_text())
+    assert "grpo@instance-7" not in timings and timings["total"] < 999, timings
+    assert "_s7" not in (repo / "reports/results.md").read_text()
+    assert not (repo / "reports/grids/grpo_instance_s7_nocfg.png").exists()
 
 
 # the text-to-image face, shrunk further: one GRPO variant (with LOO-FID), fewer samples
