@@ -1,6 +1,7 @@
 """Stage report: reports/results.md (the table and what it shows), a sample grid per configuration,
 the GRPO curves, a FID-against-recall plot and reports/timings.json (seconds per stage)."""
 
+import csv
 import json
 import shutil
 import time
@@ -64,6 +65,27 @@ def findings(m: dict, judge: dict, floor: dict) -> list[str]:
     return out
 
 
+# `dvc plots`: one plot per metric (dvc.yaml `plots`), each a folder with one CSV per GRPO run that logs it
+PLOT_METRICS = {"reward": "reward/composite_mean", "fid_ema": "fid/ema", "entropy": "entropy/normalised",
+                "kl": "policy/kl"}
+
+
+def write_plot_data(curves: list[Path], folder: Path) -> None:
+    """reports/plots/<plot>/<run>.csv (step and the metric) from the runs' curves; a run without the metric
+    (no LOO-FID: no fid/ema) has no file in that plot, so DVC plots nothing missing."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    for curve in curves:
+        with curve.open() as f:
+            rows = list(csv.DictReader(f))
+        for plot, key in PLOT_METRICS.items():
+            values = [(r["step"], r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
+            if values:
+                (folder / plot).mkdir(parents=True, exist_ok=True)
+                lines = [f"step,{key}", *(f"{step},{value}" for step, value in values)]
+                (folder / plot / curve.name).write_text("\n".join(lines) + "\n")
+
+
 def generator_line(p, conditions: int) -> str:
     m, d = p.model, p.data
     if m.family == "var":
@@ -106,6 +128,7 @@ def main() -> None:
         curves = [REPORTS / "grpo" / f"{r}.csv" for r in runs if (REPORTS / "grpo" / f"{r}.csv").exists()]
         if curves:
             plot_curves(curves, REPORTS / "grpo_curves.png")
+        write_plot_data(curves, REPORTS / "plots")
         plot_fid_recall({k: v for k, v in seeds["per_run"].items() if k in configurations},
                         REPORTS / "fid_vs_recall.png")
         recorded = (json.loads(f.read_text()) for f in sorted((REPORTS / "timings").glob("*.json")))

@@ -87,6 +87,13 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
         assert (repo / produced).exists(), produced
     timings = json.loads((repo / "reports/timings.json").read_text())
     assert {"prepare", "pretrain", "grpo@loofid-0", "report"} <= set(timings)
+    # dvc plots: one plot per metric, a line per run that logs it, and the sample grids as images
+    plots = json.loads(run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo, env).stdout)
+    assert not plots.get("errors"), plots.get("errors")
+    assert {name for name in plots["data"] if name.startswith("reports/plots/")} == {
+        f"reports/plots/{plot}/{r}.csv" for plot in ("reward", "entropy", "kl") for r in ("instance_s0", "loofid_s0")
+    } | {"reports/plots/fid_ema/loofid_s0.csv"}
+    assert "reports/grids/base_cfg.png" in plots["data"]
 
     import mlflow
 
