@@ -120,15 +120,18 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
 
     killed_dvc_repro_resumes_grpo(repo, env)
 
-    # sweeps: two queued experiments run in copies through the DVC queue and report to the same store; one
-    # switches the model family by params alone (VAR, with VAR's base CFG), the same dvc.yaml running it
+    # sweeps: the README's two queued experiments, two at a time, run in copies through the DVC queue and report
+    # to one new store (created by whichever stage comes first); one switches the model family by params alone
+    # (VAR, with VAR's base CFG), the same dvc.yaml running it
+    env = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{repo.parent / 'sweep.db'}"}
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "results"], repo, env)
     # the most common sweep writes a float in exponent form (`lr: 2e-05`), which YAML reads as a string
     for name, settings in (("var-face", ["model.family=var", "sample.cfg_scale=2.5"]), ("lower-lr", ["grpo.lr=2e-5"])):
         sets = [arg for setting in settings for arg in ("-S", setting)]
         run([sys.executable, "-m", "dvc", "exp", "run", "--queue", "-n", name, *sets], repo, env)
-    run([sys.executable, "-m", "dvc", "queue", "start", "-j", "1"], repo, env)
+    run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], repo, env)
     for _ in range(240):  # the worker runs in the background: poll its status, bounded
         status = run([sys.executable, "-m", "dvc", "queue", "status"], repo, env).stdout
         if "Queued" not in status and "Running" not in status:
