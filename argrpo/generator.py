@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -194,11 +194,11 @@ class LlamaGenPolicy(Policy):
 
 
 @torch.no_grad()
-def generate_sharded(policy: Policy, conditions: torch.Tensor, sampling: SamplingConfig, batch_size: int,
-                     seed: int, dist: Dist | None = None, progress: bool = True, desc: str = "sample",
-                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
-    """This process's share of the images for condition ids [N]: (global indices [n] long, images
-    [n, 3, H, W] on CPU).
+def generate_chunks(policy: Policy, conditions: torch.Tensor, sampling: SamplingConfig, batch_size: int,
+                    seed: int, dist: Dist | None = None, progress: bool = True, desc: str = "sample",
+                    precision: str = "fp32") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's share of the images for condition ids [N], one sampling call at a time: (global
+    indices [n] long, images [n, 3, H, W] float on CPU) per call.
 
     The N images are cut by index into chunks of `batch_size`; chunk c is one sampling call with its own
     generator seeded `derived_seed(seed, c)`, and the chunks are spread over the processes in contiguous runs.
@@ -210,19 +210,25 @@ def generate_sharded(policy: Policy, conditions: torch.Tensor, sampling: Samplin
     device = policy.device
     n = len(conditions)
     chunks = shard_indices(math.ceil(n / batch_size), dist.rank, dist.world_size)
-    start, stop = min(chunks.start * batch_size, n), min(chunks.stop * batch_size, n)
-    out = []
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
     for c in tqdm(chunks, desc=desc, disable=not (progress and dist.is_main)):
         batch = conditions[c * batch_size : (c + 1) * batch_size].to(device)
         generator = torch.Generator(device=device).manual_seed(derived_seed(seed, c))
         with autocast:
             tokens = policy.rollout(batch, sampling, generator).tokens
-        out.append(policy.decode(tokens).float().cpu())
-    if not out:  # a process without a chunk still returns a well-shaped tensor
-        side = policy.decode(torch.zeros(1, policy.num_tokens, dtype=torch.long, device=device)).shape[-1]
-        out.append(torch.empty(0, 3, side, side))
-    return torch.arange(start, stop), torch.cat(out)
+        yield torch.arange(c * batch_size, c * batch_size + len(batch)), policy.decode(tokens).float().cpu()
+
+
+def generate_sharded(policy: Policy, conditions: torch.Tensor, sampling: SamplingConfig, batch_size: int,
+                     seed: int, dist: Dist | None = None, progress: bool = True, desc: str = "sample",
+                     precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+    """`generate_chunks` gathered: this process's (global indices [n], images [n, 3, H, W]) in memory, for
+    small sets (tests, benchmarks); the sample stage streams the chunks to disk instead."""
+    chunks = list(generate_chunks(policy, conditions, sampling, batch_size, seed, dist, progress, desc, precision))
+    if not chunks:  # a process without a chunk still returns well-shaped tensors
+        side = policy.decode(torch.zeros(1, policy.num_tokens, dtype=torch.long, device=policy.device)).shape[-1]
+        return torch.arange(0), torch.empty(0, 3, side, side)
+    return torch.cat([i for i, _ in chunks]), torch.cat([x for _, x in chunks])
 
 
 def forward_passes_per_image(sampling: SamplingConfig, block_size: int) -> float:

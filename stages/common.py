@@ -24,6 +24,7 @@ from argrpo import tracking  # noqa: E402
 from argrpo.conditions import ConditionSet, load_condition_set  # noqa: E402
 from argrpo.config import ConfigError, read_params  # noqa: E402
 from argrpo.families import build_policy  # noqa: E402
+from argrpo.files import write_json_atomic  # noqa: E402
 from argrpo.grpo import NonFiniteError  # noqa: E402
 from argrpo.params import Params, parse_params  # noqa: E402
 from argrpo.policy import Policy  # noqa: E402
@@ -53,9 +54,8 @@ def run_stage(main: Callable[[], None]) -> None:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """Write a stage's JSON output atomically: a killed stage leaves the old file or none, never half of one."""
+    write_json_atomic(path, data)
 
 
 @contextmanager

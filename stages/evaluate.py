@@ -6,7 +6,8 @@ text-to-image the class a prompt asks for, so it is prompt accuracy). `evaluate.
 scores, CLIP and HPSv2 against each image's prompt in the evaluation condition set, the aesthetic predictor.
 
 reports/metrics.json holds one row per configuration; the GRPO rows are means over their seeds,
-and reports/metrics_seeds.json holds every seed's row and the spread.
+and reports/metrics_seeds.json holds every seed's row and the spread. Each sample set is read shard by shard
+(argrpo/samples.py): memory holds its features, never its images.
 """
 
 import json
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 from common import condition_set, extractor, params, preflight, run_stage, stage, write_json
 
+from argrpo import samples
 from argrpo.data import load_dataset, to_tensor
 from argrpo.distributed import cleanup, init_distributed
 from argrpo.features import extract
@@ -24,23 +26,25 @@ from argrpo.metrics import EvaluateConfig, compute_metrics, load_ref_stats
 from argrpo.params import Params
 from argrpo.rewards.options import RewardOptions, build_rewards
 
+EXTRACT_BATCH = 1000  # images per feature-network call (the extractor cuts them further to its own batch size)
 KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "forward_passes_per_image", "seconds_per_image")
 
 
-def evaluate_config(npz: Path, extractor, ref: dict, cfg: EvaluateConfig, scorers: dict) -> dict[str, float]:
-    with np.load(npz) as z:
-        images, labels = to_tensor(z["images"]), z["labels"]
-        conditions = torch.from_numpy(z["conditions"] if "conditions" in z.files else z["labels"])
-    features, probs = extract(extractor, images, desc=f"evaluate {npz.stem}")
+def evaluate_config(folder: Path, extractor, ref: dict, cfg: EvaluateConfig, scorers: dict) -> dict[str, float]:
+    """The metrics of one sample set, streamed shard by shard: memory holds the features, never the images."""
+    cost = samples.cost(folder)
+    images = (to_tensor(b["images"]) for b in samples.batches(folder, EXTRACT_BATCH, ["images"]))
+    features, probs = extract(extractor, images, desc=f"evaluate {folder.name}", total=cost["num_images"])
     row = compute_metrics(ref["features"], features, probs, ref["mu"], ref["sigma"], k=cfg.k, splits=cfg.is_splits)
+    labels = samples.column(folder, "labels")
     known = labels >= 0  # images whose condition has a class
     row["class_accuracy"] = (float((probs.argmax(1)[known] == labels[known]).mean())
                              if probs.shape[1] > 1 and known.any() else float("nan"))
     for name, (scorer, _) in scorers.items():
-        scores = [scorer(images[i : i + cfg.batch_size], conditions[i : i + cfg.batch_size]).double()
-                  for i in range(0, len(images), cfg.batch_size)]
+        scores = [scorer(to_tensor(b["images"]), torch.from_numpy(b["conditions"])).double()
+                  for b in samples.batches(folder, cfg.batch_size, ["images", "conditions"])]
         row[f"{name}_score"] = float(torch.cat(scores).nanmean())
-    row.update({k: v for k, v in json.loads(npz.with_suffix(".json").read_text()).items() if k in KEYS})
+    row.update({k: v for k, v in cost.items() if k in KEYS})
     return row
 
 
@@ -65,7 +69,7 @@ def main() -> None:
         ref = load_ref_stats("data/ref_stats.npz")
         scorers = score_models(p)
         keys = KEYS + tuple(f"{name}_score" for name in scorers)
-        rows = {f.stem: evaluate_config(f, eval_x, ref, cfg, scorers) for f in sorted(Path("samples").glob("*.npz"))}
+        rows = {f.name: evaluate_config(f, eval_x, ref, cfg, scorers) for f in samples.completed("samples")}
         metrics, groups = {}, {}
         for name, row in rows.items():
             seeded = re.fullmatch(r"(grpo_.+)_s(\d+)_nocfg", name)

@@ -7,12 +7,13 @@ import shutil
 import time
 from pathlib import Path
 
-import numpy as np
 from common import condition_set, params, run_stage, stage, write_json
 
+from argrpo import samples
 from argrpo.report import environment, fmt, image_grid, plot_curves, plot_fid_recall, prompt_grid, results_table
 
 REPORTS = Path("reports")
+GRID_COLUMNS = 8  # images per row of the sample grids
 
 
 def check(ok: bool, text: str) -> str:
@@ -119,12 +120,13 @@ def main() -> None:
         grids.mkdir()
         evaluation = condition_set("eval")
         plain_classes = evaluation.features is None and len(evaluation) == int(evaluation.classes.max()) + 1
-        for npz in sorted(f for f in Path("samples").glob("*.npz") if f.stem in configurations):
-            with np.load(npz) as z:
-                # one row per class; prompts and (class, style) pairs: one row per condition, labelled with its prompt
-                grid = (image_grid(z["images"], z["labels"]) if plain_classes
-                        else prompt_grid(z["images"], z["conditions"], evaluation.prompts))
-                grid.save(REPORTS / "grids" / f"{npz.stem}.png")
+        for folder in (f for f in samples.completed("samples") if f.name in configurations):
+            # conditions cycle through the set's ids, so its first 8 images per id are the first 8 x ids images
+            z = samples.head(folder, GRID_COLUMNS * len(evaluation))
+            # one row per class; prompts and (class, style) pairs: one row per condition, labelled with its prompt
+            grid = (image_grid(z["images"], z["labels"], per_class=GRID_COLUMNS) if plain_classes
+                    else prompt_grid(z["images"], z["conditions"], evaluation.prompts, per_row=GRID_COLUMNS))
+            grid.save(REPORTS / "grids" / f"{folder.name}.png")
         curves = [REPORTS / "grpo" / f"{r}.csv" for r in runs if (REPORTS / "grpo" / f"{r}.csv").exists()]
         if curves:
             plot_curves(curves, REPORTS / "grpo_curves.png")

@@ -1,14 +1,17 @@
-"""Stage sample: condition-balanced, seeded samples of every configuration, as PNG files and one .npz each.
+"""Stage sample: condition-balanced, seeded samples of every configuration, as PNG files and .npz shards.
 
 Configurations: base_cfg (the base model at `sample.cfg_scale`), base_nocfg, and one
 grpo_<variant>_s<seed>_nocfg per GRPO run (the tuned policies sample without guidance). Image i is drawn
 for condition id i mod P of the evaluation condition set (data/prompts_eval.npz: P classes, (class,
-style) pairs or prompts); the .npz holds `images`, `conditions` and `labels` (the class of each image's
-condition, -1 where it has none), which evaluation's class (prompt) accuracy reads.
-Runs under `torchrun`: each process samples its own contiguous share of the image indices and rank 0
-writes the files; every image depends on the seed and its index only, not on the process count.
+style) pairs or prompts); the shards hold `images`, `conditions` and `labels` (the class of each image's
+condition, -1 where it has none), which evaluation's class (prompt) accuracy reads (layout: argrpo/samples.py).
+Runs under `torchrun`: each process samples its own contiguous share of the image indices and writes each
+sampling call's images as one shard as soon as they are decoded, so memory stays one batch whatever
+`sample.num_images`; rank 0 checks the shards tile the set and writes the cost file last. Every image
+depends on the seed and its index only, not on the process count.
 """
 
+import shutil
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -19,9 +22,10 @@ from common import condition_set, load_policy, params, preflight, run_stage, sta
 from PIL import Image
 
 from argrpo.data import to_uint8
-from argrpo.distributed import all_gather_cat, barrier, cleanup, init_distributed
-from argrpo.generator import generate_sharded
+from argrpo.distributed import barrier, cleanup, init_distributed
+from argrpo.generator import generate_chunks
 from argrpo.params import Params
+from argrpo.samples import shards, write_shard
 from argrpo.sampling import SamplingConfig
 
 OUT = Path("samples")
@@ -39,17 +43,41 @@ def configurations(p: Params) -> dict[str, tuple[Path | None, SamplingConfig]]:
     return configs
 
 
-def write_samples(name: str, pixels: np.ndarray, conditions: np.ndarray, labels: np.ndarray, save_png: int,
-                  cost: dict) -> None:
-    folder = OUT / name
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(min(save_png, len(pixels))):
-        c, label = int(conditions[i]), int(labels[i])
-        # plain class ids keep the short name; pairs and prompts name their condition and class (if any)
-        what = f"class{label}" if c == label else f"condition{c}" + (f"_class{label}" if label >= 0 else "")
-        Image.fromarray(pixels[i]).save(folder / f"{i:05d}_{what}.png")
-    np.savez_compressed(OUT / f"{name}.npz", images=pixels, conditions=conditions, labels=labels)
-    write_json(OUT / f"{name}.json", cost)
+def save_pngs(folder: Path, index: np.ndarray, pixels: np.ndarray, conditions: np.ndarray, labels: np.ndarray,
+              save_png: int) -> None:
+    for i, image, c, label in zip(index.tolist(), pixels, conditions.tolist(), labels.tolist(), strict=True):
+        if i < save_png:  # plain class ids keep the short name; pairs and prompts name their condition and class
+            what = f"class{label}" if c == label else f"condition{c}" + (f"_class{label}" if label >= 0 else "")
+            Image.fromarray(image).save(folder / f"{i:05d}_{what}.png")
+
+
+def sample_configuration(p: Params, name: str, weights: Path | None, sampling: SamplingConfig, conditions, evaluation,
+                         dist) -> float:
+    """Sample one configuration into samples/<name>/ (this process's shards); its sampling seconds."""
+    cfg, folder = p.sample, OUT / name
+    if dist.is_main:  # shards of an earlier run with another batch size would not tile with the new ones
+        shutil.rmtree(folder, ignore_errors=True)
+        (OUT / f"{name}.json").unlink(missing_ok=True)
+        folder.mkdir(parents=True)
+    barrier()
+    policy = load_policy(p, weights, dist.device, evaluation)
+    seconds, start = 0.0, time.perf_counter()
+    for index, images in generate_chunks(policy, conditions, sampling, cfg.batch_size, cfg.seed, dist, desc=name,
+                                         precision=p.model.precision):
+        seconds += time.perf_counter() - start  # sampling and decoding only, not the writing
+        pixels, chunk = to_uint8(images), conditions[index]
+        labels = policy.labels(chunk.to(policy.device)).cpu().numpy()
+        write_shard(folder, int(index[0]), pixels, chunk.numpy(), labels)
+        save_pngs(folder, index.numpy(), pixels, chunk.numpy(), labels, cfg.save_png)
+        start = time.perf_counter()
+    barrier()
+    if dist.is_main:
+        shards(folder, cfg.num_images)  # every process's shards are there and tile the set exactly
+        cost = {"seconds_per_image": seconds * dist.world_size / cfg.num_images,  # device-seconds
+                "forward_passes_per_image": policy.forward_passes(sampling),
+                "cfg_scale": sampling.cfg_scale, "num_images": cfg.num_images, "processes": dist.world_size}
+        write_json(OUT / f"{name}.json", cost)  # last: the mark of a complete set
+    return seconds
 
 
 def main() -> None:
@@ -61,20 +89,9 @@ def main() -> None:
     conditions = torch.arange(cfg.num_images) % len(evaluation)  # balanced over the condition ids
     with stage("sample", p.raw.get("sample")) if dist.is_main else nullcontext() as run:
         for name, (weights, sampling) in configurations(p).items():
-            policy = load_policy(p, weights, dist.device, evaluation)
-            start = time.perf_counter()
-            index, images = generate_sharded(policy, conditions, sampling, cfg.batch_size, cfg.seed, dist,
-                                             desc=name, precision=p.model.precision)
-            seconds = time.perf_counter() - start
-            index, pixels = all_gather_cat(index), all_gather_cat(torch.from_numpy(to_uint8(images)))
+            seconds = sample_configuration(p, name, weights, sampling, conditions, evaluation, dist)
             if dist.is_main:
-                assert torch.equal(index, torch.arange(cfg.num_images)), "shards must tile the images exactly"
-                cost = {"seconds_per_image": seconds * dist.world_size / cfg.num_images,  # device-seconds
-                        "forward_passes_per_image": policy.forward_passes(sampling),
-                        "cfg_scale": sampling.cfg_scale, "num_images": cfg.num_images, "processes": dist.world_size}
-                labels = policy.labels(conditions.to(policy.device)).cpu()
-                write_samples(name, pixels.numpy(), conditions.numpy(), labels.numpy(), cfg.save_png, cost)
-                run.log_metrics({f"{name}.seconds_per_image": cost["seconds_per_image"]})
+                run.log_metrics({f"{name}/seconds_per_image": seconds * dist.world_size / cfg.num_images})
     barrier()
     cleanup()
 

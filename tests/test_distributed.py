@@ -5,6 +5,7 @@ that everything downstream of the sampler — label sharding, rewards, all-reduc
 advantages, the averaged gradient, the entropy feedback, the EMA reference, checkpoints — must match.
 """
 
+import json
 import os
 import socket
 import subprocess
@@ -12,21 +13,24 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from argrpo import grpo
+from argrpo import grpo, samples
 from argrpo.classifier import DigitClassifier
 from argrpo.config import ConfigError
+from argrpo.data import to_uint8
 from argrpo.distributed import Dist, all_gather_cat, cleanup, full_state, init_distributed, rank_seed, shard_indices
 from argrpo.entropy import EntropyConfig
-from argrpo.generator import LlamaGenPolicy, generate_sharded
+from argrpo.generator import LlamaGenPolicy, generate_chunks, generate_sharded
 from argrpo.gpt import GPT, gpt_config
 from argrpo.grpo import GRPOConfig, global_sums, start_run, train_grpo
 from argrpo.policy import Rollout
 from argrpo.rewards.classifier import ClassifierReward
 from argrpo.rewards.loo_fid import LooFidConfig, LooFidReward, feature_sums
+from argrpo.samples import write_shard
 from argrpo.sampling import SamplingConfig, sample_tokens
 from argrpo.vq import VQModel, vq_config
 
@@ -227,6 +231,10 @@ def sample_worker(out: str) -> None:
     all_indices, all_images = all_gather_cat(indices), all_gather_cat(images)
     if dist.is_main:
         torch.save({"indices": all_indices, "images": all_images}, f"{out}/gathered.pt")
+    # as the sample stage does it: each process writes its chunks as shards, nothing is gathered
+    for index, chunk in generate_chunks(sample_models(), dist=dist, **SAMPLE_ARGS):
+        write_shard(f"{out}/set", int(index[0]), to_uint8(chunk), SAMPLE_ARGS["conditions"][index].numpy(),
+                    SAMPLE_ARGS["conditions"][index].numpy())
     cleanup()
 
 
@@ -251,6 +259,13 @@ def test_torchrun_sampling_covers_every_image_once(tmp_path):
     # every image depends on the seed and its index only: one process draws the same 11 images
     indices, alone = generate_sharded(sample_models(), **SAMPLE_ARGS)
     assert indices.tolist() == list(range(11)) and torch.equal(alone, images)
+    # the shards both processes wrote tile the set and stream back as the gathered images, in any batch size
+    (tmp_path / "set.json").write_text(json.dumps({"num_images": 11}))
+    assert [p.name for p in samples.shards(tmp_path / "set", 11)] == [
+        f"shard-{2 * c:08d}-{min(2 * c + 2, 11):08d}.npz" for c in range(6)]
+    for batch_size in (3, 11, 64):
+        streamed = np.concatenate([b["images"] for b in samples.batches(tmp_path / "set", batch_size)])
+        assert np.array_equal(streamed, to_uint8(images))
 
 
 @pytest.mark.parametrize("n, world", [(10, 2), (11, 2), (3, 4), (0, 3), (7, 1)])

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 import yaml
 
+from argrpo import samples
+
 ROOT = Path(__file__).resolve().parents[1]
 COPY = ["argrpo", "stages", "configs", "dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore"]
 
@@ -246,8 +248,7 @@ def test_dvc_repro_runs_the_text_to_image_face(tmp_path: Path) -> None:
             assert math.isfinite(row[key]), (name, key, row[key])
     assert metrics["base_cfg"]["forward_passes_per_image"] == 2 * metrics["base_nocfg"]["forward_passes_per_image"]
     results = (repo / "reports/results.md").read_text()
-    with np.load(repo / "samples/base_nocfg.npz") as z:
-        conditions, labels = z["conditions"], z["labels"]
+    conditions, labels = (samples.column(repo / "samples/base_nocfg", key) for key in ("conditions", "labels"))
     # 160 evaluation prompts, each labelled with its digit; 8 caption rows + 15 decode steps per image
     assert conditions.max() == 39 and (labels == np.tile(np.repeat(np.arange(10), 2), 8)[conditions]).all()
     assert metrics["base_nocfg"]["forward_passes_per_image"] == 8 + 16 - 1
