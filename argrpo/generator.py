@@ -133,7 +133,7 @@ class SampleConfig:
     top_k: Int = 0
     top_p: Float = 1.0
     seed: Int = 1234
-    save_png: Int = 100  # PNG files written per configuration (all go into the .npz)
+    save_png: Int = 100  # PNG files per configuration (png stage: samples_png/); never re-samples
     compile: str | bool = "off"  # off | default | reduce-overhead: the sampler as one compiled graph (same tokens)
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import condition_set, extractor, params, preflight, run_stage, stage, write_json
+from tqdm import tqdm
 
 from argrpo import samples
 from argrpo.data import load_dataset, to_tensor
@@ -26,24 +27,30 @@ from argrpo.metrics import EvaluateConfig, compute_metrics, load_ref_stats
 from argrpo.params import Params
 from argrpo.rewards.options import RewardOptions, build_rewards
 
-EXTRACT_BATCH = 1000  # images per feature-network call (the extractor cuts them further to its own batch size)
 KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "forward_passes_per_image", "seconds_per_image")
 
 
 def evaluate_config(folder: Path, extractor, ref: dict, cfg: EvaluateConfig, scorers: dict) -> dict[str, float]:
-    """The metrics of one sample set, streamed shard by shard: memory holds the features, never the images."""
+    """The metrics of one sample set, streamed in batches of `evaluate.batch_size` images: memory holds the
+    features and one batch, never the set."""
     cost = samples.cost(folder)
-    images = (to_tensor(b["images"]) for b in samples.batches(folder, EXTRACT_BATCH, ["images"]))
-    features, probs = extract(extractor, images, desc=f"evaluate {folder.name}", total=cost["num_images"])
+    features, probs, labels, scores = [], [], [], {name: [] for name in scorers}
+    with tqdm(total=cost["num_images"], desc=f"evaluate {folder.name}", unit="img") as bar:
+        for batch in samples.batches(folder, cfg.batch_size):
+            images = to_tensor(batch["images"])
+            f, p = extractor.features_and_probs(images)
+            features.append(f.cpu().numpy().astype(np.float32))
+            probs.append(p.cpu().numpy().astype(np.float32))
+            labels.append(batch["labels"])
+            for name, (scorer, _) in scorers.items():
+                scores[name].append(scorer(images, torch.from_numpy(batch["conditions"])).double())
+            bar.update(len(images))
+    features, probs, labels = np.concatenate(features), np.concatenate(probs), np.concatenate(labels)
     row = compute_metrics(ref["features"], features, probs, ref["mu"], ref["sigma"], k=cfg.k, splits=cfg.is_splits)
-    labels = samples.column(folder, "labels")
     known = labels >= 0  # images whose condition has a class
     row["class_accuracy"] = (float((probs.argmax(1)[known] == labels[known]).mean())
                              if probs.shape[1] > 1 and known.any() else float("nan"))
-    for name, (scorer, _) in scorers.items():
-        scores = [scorer(to_tensor(b["images"]), torch.from_numpy(b["conditions"])).double()
-                  for b in samples.batches(folder, cfg.batch_size, ["images", "conditions"])]
-        row[f"{name}_score"] = float(torch.cat(scores).nanmean())
+    row.update({f"{name}_score": float(torch.cat(s).nanmean()) for name, s in scores.items()})
     row.update({k: v for k, v in cost.items() if k in KEYS})
     return row
 

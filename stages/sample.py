@@ -1,4 +1,5 @@
-"""Stage sample: condition-balanced, seeded samples of every configuration, as PNG files and .npz shards.
+"""Stage sample: condition-balanced, seeded samples of every configuration, as .npz shards (the png stage
+writes the first `sample.save_png` of each as PNG files).
 
 Configurations: base_cfg (the base model at `sample.cfg_scale`), base_nocfg, and one
 grpo_<variant>_s<seed>_nocfg per GRPO run (the tuned policies sample without guidance). Image i is drawn
@@ -16,10 +17,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from common import condition_set, load_policy, params, preflight, run_stage, stage, write_json
-from PIL import Image
 
 from argrpo.data import to_uint8
 from argrpo.distributed import barrier, cleanup, init_distributed
@@ -43,14 +42,6 @@ def configurations(p: Params) -> dict[str, tuple[Path | None, SamplingConfig]]:
     return configs
 
 
-def save_pngs(folder: Path, index: np.ndarray, pixels: np.ndarray, conditions: np.ndarray, labels: np.ndarray,
-              save_png: int) -> None:
-    for i, image, c, label in zip(index.tolist(), pixels, conditions.tolist(), labels.tolist(), strict=True):
-        if i < save_png:  # plain class ids keep the short name; pairs and prompts name their condition and class
-            what = f"class{label}" if c == label else f"condition{c}" + (f"_class{label}" if label >= 0 else "")
-            Image.fromarray(image).save(folder / f"{i:05d}_{what}.png")
-
-
 def sample_configuration(p: Params, name: str, weights: Path | None, sampling: SamplingConfig, conditions, evaluation,
                          dist) -> float:
     """Sample one configuration into samples/<name>/ (this process's shards); its sampling seconds."""
@@ -68,7 +59,6 @@ def sample_configuration(p: Params, name: str, weights: Path | None, sampling: S
         pixels, chunk = to_uint8(images), conditions[index]
         labels = policy.labels(chunk.to(policy.device)).cpu().numpy()
         write_shard(folder, int(index[0]), pixels, chunk.numpy(), labels)
-        save_pngs(folder, index.numpy(), pixels, chunk.numpy(), labels, cfg.save_png)
         start = time.perf_counter()
     barrier()
     if dist.is_main:

@@ -93,3 +93,27 @@ def test_every_shipped_params_file_holds_every_param_dvc_yaml_names():
             if node is None:
                 missing.setdefault(path.name, []).append(dotted)
     assert missing == {}
+
+
+def test_per_key_params_cover_what_each_stage_reads():
+    """Stages list single keys so that an unread key never reruns them; these lists must still name every key
+    the stage can read, or a change to it would leave a stale result."""
+    from dataclasses import fields
+
+    from argrpo.generator import SampleConfig
+    from argrpo.metrics import EVALUATION_SCORES
+    from argrpo.weights import REWARD_FILES
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    listed = {name: set(stage.get("params", [])) for name, stage in stages.items()}
+    reward_files = {f"weights.{key}" for files in REWARD_FILES.values() for key in files}
+    policy = {"weights.gpt_checkpoint", "weights.vq_checkpoint"}
+    features = {"weights.inception", "weights.reward_inception"}
+    assert policy | reward_files | features <= listed["grpo"]
+    assert not {"weights", "weights.t5_dir", "weights.ref_stats", "weights.ref_images"} & listed["grpo"]
+    scores = {f"weights.{key}" for name in EVALUATION_SCORES for key in REWARD_FILES[name]}
+    assert scores | {"weights.inception"} <= listed["evaluate"] and "weights" not in listed["evaluate"]
+    sample_keys = {f"sample.{f.name}" for f in fields(SampleConfig)}
+    assert listed["sample"] & sample_keys == sample_keys - {"sample.save_png"} and "sample" not in listed["sample"]
+    assert listed["png"] == {"sample.save_png"}
+    assert "sample.save_png" not in listed["report"] and "sample" not in listed["report"]

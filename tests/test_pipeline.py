@@ -75,8 +75,9 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
 
     first = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     for stage in ["prepare", "prompts", "pretrain", "judge", "ref_stats", "grpo@instance-0", "grpo@loofid-0",
-                  "sample", "evaluate", "report"]:
+                  "sample", "png", "evaluate", "report"]:
         assert f"Running stage '{stage}'" in first.stdout, stage
+    assert len(list((repo / "samples_png/base_cfg").glob("*.png"))) == 4  # sample.save_png
 
     metrics = json.loads((repo / "reports/metrics.json").read_text())
     assert set(metrics) == {"base_cfg", "base_nocfg", "grpo_instance_nocfg", "grpo_loofid_nocfg"}
@@ -119,6 +120,7 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
 
     second = run([sys.executable, "-m", "dvc", "repro"], repo, env)
     assert "Running stage" not in second.stdout, second.stdout
+    unread_params_change_nothing(repo, env)
 
     killed_dvc_repro_resumes_grpo(repo, env)
 
@@ -152,6 +154,31 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     assert set(var["params.model.family"]) == {"var"}
     lower = queued[queued["tags.dvc_exp_name"] == "lower-lr"]
     assert set(lower["metrics.optim/lr"]) == {2e-5}, lower["metrics.optim/lr"]  # the run trained at that lr
+
+
+def changed_stages(repo: Path, env: dict) -> set[str]:
+    return set(json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], repo, env).stdout or "{}"))
+
+
+def unread_params_change_nothing(repo: Path, env: dict) -> None:
+    """Stages depend on the keys they read: a key no stage reads reruns nothing, and `sample.save_png` (read by
+    the png stage alone) never re-samples; the matrix is one stage per run, each on its own variant's key."""
+    original = (repo / "params.yaml").read_text()
+    assert changed_stages(repo, env) == set()
+    for key, value, expected in (("weights.ref_images", "elsewhere/imagenet_val", set()),
+                                 ("weights.t5_dir", "elsewhere/flan-t5-xl", {"prompts"}),
+                                 ("sample.save_png", 2, {"png"}),
+                                 ("grpo_runs.variants.loofid.fid_advantage_weight", 0.5, {"grpo@loofid-0"})):
+        params = yaml.safe_load(original)
+        *parents, leaf = key.split(".")
+        node = params
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+        (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        assert changed_stages(repo, env) == expected, key
+    (repo / "params.yaml").write_text(original)
+    assert changed_stages(repo, env) == set()
 
 
 def kill_grpo_after_a_checkpoint(repo: Path, env: dict, rows: int) -> str:
