@@ -1,17 +1,36 @@
-"""Peak memory of the sample and evaluate stages against the number of images, extrapolated to real scale.
+"""Peak memory of the sample and evaluate stages against the number of images and their size, extrapolated
+to real scale.
 
-Run by hand in a pipeline workspace after `dvc repro` (it needs models/, data/ and params.yaml). For each
-image count the two stages run as they do under DVC (`python stages/launch.py sample|evaluate`, one process)
-in a scratch copy of the workspace with `sample.num_images` set and only the base model and one GRPO run
-sampled; `/usr/bin/time`-style peak RSS comes from the children's rusage. A line fitted to peak RSS against
-pixel values (images x H x W x 3) gives the bytes each pixel value costs; the extrapolation multiplies it by
-50,000 images at 384 px, the LlamaGen protocol's size, plus the intercept.
+Run by hand in a pipeline workspace after `dvc repro` (it needs models/, data/ and params.yaml):
 
-    python benchmarks/bench_memory.py --counts 10000 20000 40000   # -> reports/bench_memory.json / .md
+    python benchmarks/bench_memory.py   # -> reports/bench_memory.json / .md
 
-At the embedded default's 16 px the images are small next to the ~0.9 GB a stage process holds anyway, so
-the counts must be large for the slope to rise above that noise; a fit whose slope is not positive, or
-whose data span less than 50 MB, is reported as not measurable instead of extrapolated.
+The two stages run as they do under DVC (`python stages/launch.py sample|evaluate`, one process) in scratch
+workspaces, with `sample.num_images` set and the base model and one GRPO run sampled; peak RSS comes from
+the children's rusage. Two image sizes are measured, so that what grows with the number of images can be
+told apart from what grows with their pixels:
+
+- the pipeline's own size (16 px embedded), with its trained models;
+- a larger size (default 32 px) with the same model classes trained for a few steps at that size in a
+  scratch chain (prepare, prompts, pretrain, judge, ref_stats; the GRPO run is the base network). What
+  they draw does not matter here, only how much memory drawing and scoring takes.
+
+For each stage and size a line is fitted to peak RSS against the image count N: its slope is the bytes kept
+per image, its intercept what the process holds whatever N (code, models, one batch in flight). The slope is
+then taken as linear in P, the pixel values per image (H x W x 3), through the two sizes:
+
+    slope(P) = b + c * P
+
+so c is the bytes kept per pixel value of every image (a stage that holds its images has c of a few bytes;
+a streaming one has c ~ 0 and a slope b of its per-image records, features, labels, indices). The
+extrapolation to 50,000 images of 384 px, the LlamaGen protocol's size, is
+
+    intercept at the pipeline's size + one batch in flight at 384 px + (b + c * P) * 50,000 + features
+
+with c clamped at >= 0 (noise never lowers the estimate); the batch in flight is counted at BATCH_BYTES per
+pixel value (decoded float32, its uint8 copy and up to three uint8 copies while shards are cut into batches),
+and the features at real scale's Inception width (2048 + 1008 floats per image). The intercepts at the two
+sizes are reported, not extrapolated: they hold models of different sizes, not only images.
 """
 
 from __future__ import annotations
@@ -32,6 +51,10 @@ import torch
 import yaml
 
 TARGET_IMAGES, TARGET_PX, BUDGET_GB = 50_000, 384, 8.0
+INCEPTION_FLOATS = 2048 + 1008  # pool features + class probabilities kept per image at real scale
+BATCH_BYTES = 8  # bytes per pixel value of the batch in flight (float32 + uint8 + up to three uint8 copies)
+BATCH = {"sample": 250, "evaluate": 256}  # images per batch: sample.batch_size here, evaluate.batch_size
+STAGES = ("sample", "evaluate")
 
 
 def peak_rss_mb(cmd: list[str], cwd: Path, env: dict) -> float:
@@ -51,60 +74,126 @@ def peak_rss_mb(cmd: list[str], cwd: Path, env: dict) -> float:
     return int((cwd / "peak_kb").read_text()) / 1024
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--counts", type=int, nargs="+", default=[10000, 20000, 40000])
-    parser.add_argument("--out", default="reports/bench_memory")
-    args = parser.parse_args()
-    root = Path.cwd()
+def scratch_params(root: Path, px: int | None) -> dict:
+    """The workspace's params with one GRPO run, one process, no PNGs; at `px`, a few-step chain."""
     params = yaml.safe_load((root / "params.yaml").read_text())
     variant = next(iter(params["grpo_runs"]["variants"]))
     params["grpo_runs"].update(variants={variant: params["grpo_runs"]["variants"][variant]}, seeds=[0])
     params["distributed"]["nproc_per_node"] = 1
-    px = params["data"]["image_size"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": "", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    params["sample"]["save_png"] = 0
+    if px is not None:
+        params["data"]["image_size"] = params["model"]["image_size"] = px
+        params["pretrain"]["vq"]["steps"] = params["pretrain"]["gpt"]["steps"] = 2
+        params["judge"]["epochs"] = 1
+    return params
+
+
+def prepare_workspace(root: Path, work: Path, px: int | None, env: dict) -> dict:
+    """A scratch workspace: the pipeline's data and models linked (px None), or a short chain run at `px`."""
+    params = scratch_params(root, px)
+    work.mkdir(parents=True)
+    os.symlink(root / "stages", work / "stages")
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    if px is None:
+        for name in ("data", "models"):
+            os.symlink(root / name, work / name)
+        return params
+    for stage in ("prepare", "prompts", "pretrain", "judge", "ref_stats"):
+        done = subprocess.run([sys.executable, f"stages/{stage}.py"], cwd=work, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{stage} at {px} px failed:\n{done.stderr[-3000:]}")
+    run = work / "models" / "grpo" / f"{next(iter(params['grpo_runs']['variants']))}_s0"
+    run.mkdir(parents=True)
+    os.symlink(work / "models" / "base" / "gpt.pt", run / "policy.pt")  # memory does not depend on the weights
+    return params
+
+
+def measure(work: Path, params: dict, counts: list[int], env: dict) -> list[dict]:
+    px = params["model"]["image_size"]
+    rows = []
+    for n in [counts[0], *counts]:  # the first run, not recorded, creates the tracking store and warms caches
+        params["sample"].update(num_images=n, batch_size=min(250, n))
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        row = {"px": px, "images": n, "pixel_values_per_image": px * px * 3}
+        for stage in STAGES:
+            row[f"{stage}_peak_mb"] = peak_rss_mb([sys.executable, "stages/launch.py", stage], work, env)
+        print(json.dumps(row), flush=True)
+        shutil.rmtree(work / "samples", ignore_errors=True)
+        rows.append(row)
+    return rows[1:]
+
+
+def fit(rows: list[dict], stage: str) -> dict:
+    """The two-size model of the module docstring for one stage, and its value at the target."""
+    lines = {}
+    for P in sorted({r["pixel_values_per_image"] for r in rows}):
+        at = [r for r in rows if r["pixel_values_per_image"] == P]
+        n = np.array([r["images"] for r in at], float)
+        y = np.array([r[f"{stage}_peak_mb"] for r in at]) * 2**20
+        slope, intercept = np.polyfit(n, y, 1)
+        residual = y - (intercept + slope * n)
+        lines[P] = {"bytes_per_image": float(slope), "intercept_mb": float(intercept) / 2**20,
+                    "max_residual_mb": float(np.abs(residual).max()) / 2**20}
+    (p0, l0), (p1, l1) = sorted(lines.items())  # p0: the pipeline's own size
+    c = (l1["bytes_per_image"] - l0["bytes_per_image"]) / (p1 - p0)
+    b = l0["bytes_per_image"] - max(c, 0.0) * p0
+    target_p = TARGET_PX * TARGET_PX * 3
+    batch = BATCH_BYTES * BATCH[stage] * target_p
+    features = TARGET_IMAGES * INCEPTION_FLOATS * 4 if stage == "evaluate" else 0.0
+    kept = (max(b, 0.0) + max(c, 0.0) * target_p) * TARGET_IMAGES
+    total = l0["intercept_mb"] * 2**20 + batch + kept + features
+    return {"per_size": {str(P): line for P, line in lines.items()},
+            "bytes_per_pixel_value_per_image": c, "bytes_per_image": b,
+            "batch_in_flight_gb": batch / 2**30, "kept_per_image_gb": kept / 2**30,
+            "inception_features_gb": features / 2**30,
+            "extrapolated_gb": total / 2**30, "under_budget": bool(total / 2**30 < BUDGET_GB)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--counts", type=int, nargs="+", default=[10000, 20000, 40000],
+                        help="image counts at the pipeline's own size")
+    parser.add_argument("--large-px", type=int, default=32, help="the second image size (a multiple of 16)")
+    parser.add_argument("--large-counts", type=int, nargs="+", default=[5000, 10000, 20000])
+    parser.add_argument("--out", default="reports/bench_memory")
+    args = parser.parse_args()
+    root = Path.cwd()
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
-        work = Path(scratch)
-        for name in ("stages", "data", "models"):
-            os.symlink(root / name, work / name)
-        for n in args.counts:
-            params["sample"].update(num_images=n, batch_size=min(250, n), save_png=0)
-            (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-            env["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
-            row = {"images": n, "pixel_values": n * px * px * 3}
-            for stage in ("sample", "evaluate"):
-                row[f"{stage}_peak_mb"] = peak_rss_mb([sys.executable, "stages/launch.py", stage], work, env)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            shutil.rmtree(work / "samples", ignore_errors=True)
-    x = np.array([r["pixel_values"] for r in rows], float)
-    fits, extrapolated = {}, {}
-    target_values = TARGET_IMAGES * TARGET_PX * TARGET_PX * 3
-    for stage in ("sample", "evaluate"):
-        y = np.array([r[f"{stage}_peak_mb"] for r in rows]) * 2**20
-        slope, intercept = np.polyfit(x, y, 1)
-        measurable = bool(slope > 0 and np.ptp(y) > 50 * 2**20)
-        fits[stage] = {"bytes_per_pixel_value": float(slope), "intercept_mb": float(intercept) / 2**20,
-                       "measurable": measurable}
-        extrapolated[stage] = (intercept + slope * target_values) / 2**30 if measurable else None
-    report = {"rows": rows, "fit": fits, "extrapolated_gb": extrapolated,
+        for px, counts in ((None, args.counts), (args.large_px, args.large_counts)):
+            work = Path(scratch) / f"px{px or 'own'}"
+            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+            params = prepare_workspace(root, work, px, env)
+            rows += measure(work, params, counts, env)
+    fits = {stage: fit(rows, stage) for stage in STAGES}
+    report = {"rows": rows, "fit": fits,
               "target": {"images": TARGET_IMAGES, "px": TARGET_PX, "budget_gb": BUDGET_GB},
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-                              "image_px": px, "configurations": ["base_cfg", "base_nocfg", f"grpo_{variant}_s0_nocfg"]}}
+                              "batch": BATCH, "processes": 1}}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     lines = ["# Peak memory of sample and evaluate", "",
-             f"Environment: {report['environment']}. One process per stage, peak RSS of the stage's processes.", "",
-             "| images | sample peak MB | evaluate peak MB |", "|---|---|---|"]
-    lines += [f"| {r['images']} | {r['sample_peak_mb']:.0f} | {r['evaluate_peak_mb']:.0f} |" for r in rows]
-    lines += ["", "| stage | bytes per pixel value (fit) | intercept MB | extrapolated to 50,000 images at 384 px | "
-              f"under {BUDGET_GB:.0f} GB |", "|---|---|---|---|---|"]
-    lines += [f"| {s} | {fits[s]['bytes_per_pixel_value']:.1f} | {fits[s]['intercept_mb']:.0f} | "
-              + (f"{extrapolated[s]:.1f} GB | {'yes' if extrapolated[s] < BUDGET_GB else 'no'} |"
-                 if extrapolated[s] is not None else "not measurable at these counts | – |") for s in fits]
+             f"Environment: {report['environment']}. One process per stage, peak RSS of the stage's processes; "
+             "three configurations sampled and evaluated per row (base with and without CFG, one GRPO run).", "",
+             "| px | images | sample peak MB | evaluate peak MB |", "|---|---|---|---|"]
+    lines += [f"| {r['px']} | {r['images']} | {r['sample_peak_mb']:.0f} | {r['evaluate_peak_mb']:.0f} |" for r in rows]
+    lines += ["", "| stage | px | bytes per image (slope) | intercept MB | largest residual MB |",
+              "|---|---|---|---|---|"]
+    for stage, f in fits.items():
+        for P, line in f["per_size"].items():
+            px = int(round((int(P) / 3) ** 0.5))
+            lines.append(f"| {stage} | {px} | {line['bytes_per_image']:.0f} | {line['intercept_mb']:.0f} | "
+                         f"{line['max_residual_mb']:.1f} |")
+    lines += ["", "| stage | c: bytes kept per pixel value of every image | b: bytes per image | kept at 50,000 "
+              "x 384 px | batch in flight at 384 px | Inception features | extrapolated | under "
+              f"{BUDGET_GB:.0f} GB |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {s} | {f['bytes_per_pixel_value_per_image']:.4f} | {f['bytes_per_image']:.0f} | "
+              f"{f['kept_per_image_gb']:.2f} GB | {f['batch_in_flight_gb']:.2f} GB | "
+              f"{f['inception_features_gb']:.2f} GB | {f['extrapolated_gb']:.2f} GB | "
+              f"{'yes' if f['under_budget'] else 'no'} |" for s, f in fits.items()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
