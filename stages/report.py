@@ -66,25 +66,30 @@ def findings(m: dict, judge: dict, floor: dict) -> list[str]:
     return out
 
 
-# `dvc plots`: one plot per metric (dvc.yaml `plots`), each a folder with one CSV per GRPO run that logs it
+# `dvc plots`: one plot per metric (dvc.yaml `plots`), each a long-format CSV in which every GRPO run that logs
+# the metric is a line (the `run` column; the template .dvc/plots/by_run.json colours by it)
 PLOT_METRICS = {"reward": "reward/composite_mean", "fid_ema": "fid/ema", "entropy": "entropy/normalised",
                 "kl": "policy/kl"}
 
 
 def write_plot_data(curves: list[Path], folder: Path) -> None:
-    """reports/plots/<plot>/<run>.csv (step and the metric) from the runs' curves; a run without the metric
-    (no LOO-FID: no fid/ema) has no file in that plot, so DVC plots nothing missing."""
+    """reports/plots/<plot>.csv with the columns step, run and the metric, one row per run and step, from the
+    runs' curves (reports/grpo/<run>.csv). The folder is rewritten from these runs only, so a run dropped from
+    the matrix leaves no rows; a run without the metric (no LOO-FID: no fid/ema) has no rows in that plot. Every
+    plot gets its file: one no run logs holds the header alone, which `dvc plots show` passes over without an error
+    (a missing file would be one)."""
     if folder.exists():
         shutil.rmtree(folder)
+    tables = {plot: [f"step,run,{key}"] for plot, key in PLOT_METRICS.items()}
     for curve in curves:
         with curve.open() as f:
             rows = list(csv.DictReader(f))
         for plot, key in PLOT_METRICS.items():
             values = [(r["step"], r[key]) for r in rows if r.get(key) not in (None, "", "nan")]
-            if values:
-                (folder / plot).mkdir(parents=True, exist_ok=True)
-                lines = [f"step,{key}", *(f"{step},{value}" for step, value in values)]
-                (folder / plot / curve.name).write_text("\n".join(lines) + "\n")
+            tables[plot].extend(f"{step},{curve.stem},{value}" for step, value in values)
+    folder.mkdir(parents=True)
+    for plot, lines in tables.items():
+        (folder / f"{plot}.csv").write_text("\n".join(lines) + "\n")
 
 
 def generator_line(p, conditions: int) -> str:

@@ -64,6 +64,7 @@ def pipeline_repo(tmp_path: Path, params_file: str, shrink: dict, variants: dict
            "GIT_COMMITTER_EMAIL": "t@t"}
     run(["git", "init", "-q"], repo, env)
     run([sys.executable, "-m", "dvc", "init", "-q"], repo, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # dvc.yaml's plot templates
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", "pipeline"], repo, env)
     return repo, env
@@ -94,8 +95,11 @@ def test_dvc_repro_end_to_end(tmp_path: Path) -> None:
     plots = json.loads(run([sys.executable, "-m", "dvc", "plots", "show", "--json"], repo, env).stdout)
     assert not plots.get("errors"), plots.get("errors")
     assert {name for name in plots["data"] if name.startswith("reports/plots/")} == {
-        f"reports/plots/{plot}/{r}.csv" for plot in ("reward", "entropy", "kl") for r in ("instance_s0", "loofid_s0")
-    } | {"reports/plots/fid_ema/loofid_s0.csv"}
+        f"reports/plots/{plot}.csv" for plot in ("reward", "entropy", "kl", "fid_ema")
+    }
+    for plot, runs in (("reward", {"instance_s0", "loofid_s0"}), ("fid_ema", {"loofid_s0"})):
+        [rendered] = plots["data"][f"reports/plots/{plot}.csv"]
+        assert {row["run"] for row in rendered["content"]["data"]["values"]} == runs, plot
     assert "reports/grids/base_cfg.png" in plots["data"]
 
     import mlflow
