@@ -28,9 +28,15 @@ extrapolation to 50,000 images of 384 px, the LlamaGen protocol's size, is
     intercept at the pipeline's size + one batch in flight at 384 px + (b + c * P) * 50,000 + features
 
 with c clamped at >= 0 (noise never lowers the estimate); the batch in flight is counted at BATCH_BYTES per
-pixel value (decoded float32, its uint8 copy and up to three uint8 copies while shards are cut into batches),
-and the features at real scale's Inception width (2048 + 1008 floats per image). The intercepts at the two
+pixel value (decoded float32, its uint8 copy and up to three uint8 copies while shards are cut into batches).
+"features" is evaluate's feature working set at real scale's Inception width, which the embedded 64-d
+features do not show: per generated image its 2048 features as float32 and float64 (precision / recall
+compute in float64) and 1008 class probabilities, and per reference image (50,000, an upper bound: ADM's
+ImageNet batch holds 10,000) its features as float32 and float64. The k-NN distance blocks (1024 rows x N,
+float64) do not depend on the feature width and are part of the measured slope b. The intercepts at the two
 sizes are reported, not extrapolated: they hold models of different sizes, not only images.
+
+`--from-json reports/bench_memory.json` refits and rewrites the report from measured rows without running.
 """
 
 from __future__ import annotations
@@ -51,7 +57,7 @@ import torch
 import yaml
 
 TARGET_IMAGES, TARGET_PX, BUDGET_GB = 50_000, 384, 8.0
-INCEPTION_FLOATS = 2048 + 1008  # pool features + class probabilities kept per image at real scale
+INCEPTION_DIM, INCEPTION_CLASSES, REFERENCE_IMAGES = 2048, 1008, 50_000
 BATCH_BYTES = 8  # bytes per pixel value of the batch in flight (float32 + uint8 + up to three uint8 copies)
 BATCH = {"sample": 250, "evaluate": 256}  # images per batch: sample.batch_size here, evaluate.batch_size
 STAGES = ("sample", "evaluate")
@@ -139,13 +145,14 @@ def fit(rows: list[dict], stage: str) -> dict:
     b = l0["bytes_per_image"] - max(c, 0.0) * p0
     target_p = TARGET_PX * TARGET_PX * 3
     batch = BATCH_BYTES * BATCH[stage] * target_p
-    features = TARGET_IMAGES * INCEPTION_FLOATS * 4 if stage == "evaluate" else 0.0
+    per_image = INCEPTION_DIM * (4 + 8) + INCEPTION_CLASSES * 4  # float32 + float64 features, float32 probs
+    features = (TARGET_IMAGES * per_image + REFERENCE_IMAGES * INCEPTION_DIM * (4 + 8)) if stage == "evaluate" else 0.0
     kept = (max(b, 0.0) + max(c, 0.0) * target_p) * TARGET_IMAGES
     total = l0["intercept_mb"] * 2**20 + batch + kept + features
     return {"per_size": {str(P): line for P, line in lines.items()},
             "bytes_per_pixel_value_per_image": c, "bytes_per_image": b,
             "batch_in_flight_gb": batch / 2**30, "kept_per_image_gb": kept / 2**30,
-            "inception_features_gb": features / 2**30,
+            "features_gb": features / 2**30,
             "extrapolated_gb": total / 2**30, "under_budget": bool(total / 2**30 < BUDGET_GB)}
 
 
@@ -156,16 +163,20 @@ def main() -> None:
     parser.add_argument("--large-px", type=int, default=32, help="the second image size (a multiple of 16)")
     parser.add_argument("--large-counts", type=int, nargs="+", default=[5000, 10000, 20000])
     parser.add_argument("--out", default="reports/bench_memory")
+    parser.add_argument("--from-json", help="refit the rows of an earlier report instead of measuring")
     args = parser.parse_args()
-    root = Path.cwd()
-    rows = []
-    with tempfile.TemporaryDirectory() as scratch:
-        for px, counts in ((None, args.counts), (args.large_px, args.large_counts)):
-            work = Path(scratch) / f"px{px or 'own'}"
-            env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
-                   "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-            params = prepare_workspace(root, work, px, env)
-            rows += measure(work, params, counts, env)
+    if args.from_json:
+        rows = json.loads(Path(args.from_json).read_text())["rows"]
+    else:
+        rows = []
+        root = Path.cwd()
+        with tempfile.TemporaryDirectory() as scratch:
+            for px, counts in ((None, args.counts), (args.large_px, args.large_counts)):
+                work = Path(scratch) / f"px{px or 'own'}"
+                env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{work / 'mlflow.db'}",
+                       "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+                params = prepare_workspace(root, work, px, env)
+                rows += measure(work, params, counts, env)
     fits = {stage: fit(rows, stage) for stage in STAGES}
     report = {"rows": rows, "fit": fits,
               "target": {"images": TARGET_IMAGES, "px": TARGET_PX, "budget_gb": BUDGET_GB},
@@ -188,11 +199,11 @@ def main() -> None:
             lines.append(f"| {stage} | {px} | {line['bytes_per_image']:.0f} | {line['intercept_mb']:.0f} | "
                          f"{line['max_residual_mb']:.1f} |")
     lines += ["", "| stage | c: bytes kept per pixel value of every image | b: bytes per image | kept at 50,000 "
-              "x 384 px | batch in flight at 384 px | Inception features | extrapolated | under "
+              "x 384 px | batch in flight at 384 px | features at Inception width | extrapolated | under "
               f"{BUDGET_GB:.0f} GB |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {s} | {f['bytes_per_pixel_value_per_image']:.4f} | {f['bytes_per_image']:.0f} | "
               f"{f['kept_per_image_gb']:.2f} GB | {f['batch_in_flight_gb']:.2f} GB | "
-              f"{f['inception_features_gb']:.2f} GB | {f['extrapolated_gb']:.2f} GB | "
+              f"{f['features_gb']:.2f} GB | {f['extrapolated_gb']:.2f} GB | "
               f"{'yes' if f['under_budget'] else 'no'} |" for s, f in fits.items()]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
