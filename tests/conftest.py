@@ -74,3 +74,16 @@ def offline(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     yield
     assert not attempts, f"network connections attempted: {attempts}"
+
+
+@pytest.fixture(scope="module")
+def report():
+    """stages/report.py as a module (its plot-data writer and its checks)."""
+    import sys
+
+    stages = str(Path(__file__).resolve().parents[1] / "stages")
+    sys.path.insert(0, stages)
+    try:
+        yield importlib.import_module("report")
+    finally:
+        sys.path.remove(stages)

@@ -1,7 +1,6 @@
 """`dvc plots show` draws one plot per metric from the report's long-format files, every GRPO run a line, with the
 template in .dvc/plots; the files hold only the runs the report was given."""
 
-import importlib
 import json
 import os
 import shutil
@@ -16,15 +15,6 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 PLOTS = {"reward", "fid_ema", "entropy", "kl"}
 GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-
-@pytest.fixture(scope="module")
-def report():
-    sys.path.insert(0, str(ROOT / "stages"))
-    try:
-        yield importlib.import_module("report")
-    finally:
-        sys.path.remove(str(ROOT / "stages"))
 
 
 def write_curve(folder: Path, run: str, loo_fid: bool, steps: int = 3, offset: float = 0.0) -> Path:

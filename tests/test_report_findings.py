@@ -1,21 +1,10 @@
 """The report's checks read the numbers they name: a met target ticks, a missed one does not."""
 
-import importlib
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def report():
-    sys.path.insert(0, str(ROOT / "stages"))
-    try:
-        yield importlib.import_module("report")
-    finally:
-        sys.path.remove(str(ROOT / "stages"))
 
 
 def row(fid, precision, recall, accuracy, passes=16):
