@@ -15,15 +15,22 @@ told apart from what grows with their pixels:
   scratch chain (prepare, prompts, pretrain, judge, ref_stats; the GRPO run is the base network). What
   they draw does not matter here, only how much memory drawing and scoring takes.
 
-For each stage and size a line is fitted to peak RSS against the image count N: its slope is the bytes kept
-per image, its intercept what the process holds whatever N (code, models, one batch in flight). The slope is
-then taken as linear in P, the pixel values per image (H x W x 3), through the two sizes:
+For each measurement and size a line is fitted to peak RSS against the image count N: its slope is the bytes
+kept per image, its intercept what the process holds whatever N (code, models, one batch in flight). The slope
+is then taken as linear in P, the pixel values per image (H x W x 3), through the two sizes:
 
     slope(P) = b + c * P
 
-so c is the bytes kept per pixel value of every image (a stage that holds its images has c of a few bytes;
-a streaming one has c ~ 0 and a slope b of its per-image records, features, labels, indices). The
-extrapolation to 50,000 images of 384 px, the LlamaGen protocol's size, is
+so c is the bytes kept per pixel value of every image: a stage that holds its images has c of a few bytes
+(12.6 and 35.5 before sample sets were streamed), a streaming one c ~ 0 and a slope b of per-image records.
+
+The evaluate stage has two phases whose peaks do not add: streaming the images into features (grows with P
+through the batch in flight, should not grow with N) and the metrics on the features (grows with N through
+the k-NN distance blocks, 1024 rows x N in float64, not with P). Its peak is the larger of the two, so a
+line through its peaks at two sizes mixes them; the bench therefore also measures the streaming phase alone
+(`evaluate_stream`: `stages/evaluate.py: stream_features` over the same sample sets) and takes c from it,
+and b from the whole stage at the pipeline's size. The extrapolation to 50,000 images of 384 px, the
+LlamaGen protocol's size, adds the phases rather than taking the larger, which overestimates:
 
     intercept at the pipeline's size + one batch in flight at 384 px + (b + c * P) * 50,000 + features
 
@@ -32,9 +39,8 @@ pixel value (decoded float32, its uint8 copy and up to three uint8 copies while 
 "features" is evaluate's feature working set at real scale's Inception width, which the embedded 64-d
 features do not show: per generated image its 2048 features as float32 and float64 (precision / recall
 compute in float64) and 1008 class probabilities, and per reference image (50,000, an upper bound: ADM's
-ImageNet batch holds 10,000) its features as float32 and float64. The k-NN distance blocks (1024 rows x N,
-float64) do not depend on the feature width and are part of the measured slope b. The intercepts at the two
-sizes are reported, not extrapolated: they hold models of different sizes, not only images.
+ImageNet batch holds 10,000) its features as float32 and float64. The intercepts at the two sizes are
+reported, not extrapolated: they hold models of different sizes, not only images.
 
 `--from-json reports/bench_memory.json` refits and rewrites the report from measured rows without running.
 """
@@ -61,6 +67,11 @@ INCEPTION_DIM, INCEPTION_CLASSES, REFERENCE_IMAGES = 2048, 1008, 50_000
 BATCH_BYTES = 8  # bytes per pixel value of the batch in flight (float32 + uint8 + up to three uint8 copies)
 BATCH = {"sample": 250, "evaluate": 256}  # images per batch: sample.batch_size here, evaluate.batch_size
 STAGES = ("sample", "evaluate")
+MEASURED = ("sample", "evaluate_stream", "evaluate")
+# the evaluate stage's first phase alone: every sample set streamed into features, no metrics
+STREAM = ("import sys; sys.path.insert(0, 'stages'); import common, evaluate; from argrpo import samples; "
+          "p = common.params(); x = common.extractor(p, 'eval'); "
+          "[evaluate.stream_features(f, x, p.evaluate.batch_size, {}) for f in samples.completed('samples')]")
 
 
 def peak_rss_mb(cmd: list[str], cwd: Path, env: dict) -> float:
@@ -121,35 +132,43 @@ def measure(work: Path, params: dict, counts: list[int], env: dict) -> list[dict
         params["sample"].update(num_images=n, batch_size=min(250, n))
         (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
         row = {"px": px, "images": n, "pixel_values_per_image": px * px * 3}
-        for stage in STAGES:
-            row[f"{stage}_peak_mb"] = peak_rss_mb([sys.executable, "stages/launch.py", stage], work, env)
+        row["sample_peak_mb"] = peak_rss_mb([sys.executable, "stages/launch.py", "sample"], work, env)
+        row["evaluate_stream_peak_mb"] = peak_rss_mb([sys.executable, "-c", STREAM], work, env)
+        row["evaluate_peak_mb"] = peak_rss_mb([sys.executable, "stages/launch.py", "evaluate"], work, env)
         print(json.dumps(row), flush=True)
         shutil.rmtree(work / "samples", ignore_errors=True)
         rows.append(row)
     return rows[1:]
 
 
-def fit(rows: list[dict], stage: str) -> dict:
-    """The two-size model of the module docstring for one stage, and its value at the target."""
-    lines = {}
+def lines(rows: list[dict], key: str) -> dict[int, dict]:
+    """Per image size P: the line fitted to the peak RSS of `key` against the image count."""
+    out = {}
     for P in sorted({r["pixel_values_per_image"] for r in rows}):
         at = [r for r in rows if r["pixel_values_per_image"] == P]
         n = np.array([r["images"] for r in at], float)
-        y = np.array([r[f"{stage}_peak_mb"] for r in at]) * 2**20
+        y = np.array([r[f"{key}_peak_mb"] for r in at]) * 2**20
         slope, intercept = np.polyfit(n, y, 1)
         residual = y - (intercept + slope * n)
-        lines[P] = {"bytes_per_image": float(slope), "intercept_mb": float(intercept) / 2**20,
-                    "max_residual_mb": float(np.abs(residual).max()) / 2**20}
-    (p0, l0), (p1, l1) = sorted(lines.items())  # p0: the pipeline's own size
-    c = (l1["bytes_per_image"] - l0["bytes_per_image"]) / (p1 - p0)
-    b = l0["bytes_per_image"] - max(c, 0.0) * p0
+        out[P] = {"bytes_per_image": float(slope), "intercept_mb": float(intercept) / 2**20,
+                  "max_residual_mb": float(np.abs(residual).max()) / 2**20}
+    return out
+
+
+def fit(rows: list[dict], stage: str) -> dict:
+    """The model of the module docstring for one stage, and its value at the target."""
+    whole = lines(rows, stage)
+    (p0, l0), (p1, l1) = sorted((lines(rows, "evaluate_stream") if stage == "evaluate" else whole).items())
+    c = (l1["bytes_per_image"] - l0["bytes_per_image"]) / (p1 - p0)  # p0: the pipeline's own size
+    own = whole[p0]
+    b = own["bytes_per_image"] - max(c, 0.0) * p0
     target_p = TARGET_PX * TARGET_PX * 3
     batch = BATCH_BYTES * BATCH[stage] * target_p
     per_image = INCEPTION_DIM * (4 + 8) + INCEPTION_CLASSES * 4  # float32 + float64 features, float32 probs
     features = (TARGET_IMAGES * per_image + REFERENCE_IMAGES * INCEPTION_DIM * (4 + 8)) if stage == "evaluate" else 0.0
     kept = (max(b, 0.0) + max(c, 0.0) * target_p) * TARGET_IMAGES
-    total = l0["intercept_mb"] * 2**20 + batch + kept + features
-    return {"per_size": {str(P): line for P, line in lines.items()},
+    total = own["intercept_mb"] * 2**20 + batch + kept + features
+    return {"c_from": "evaluate_stream" if stage == "evaluate" else stage,
             "bytes_per_pixel_value_per_image": c, "bytes_per_image": b,
             "batch_in_flight_gb": batch / 2**30, "kept_per_image_gb": kept / 2**30,
             "features_gb": features / 2**30,
@@ -178,7 +197,7 @@ def main() -> None:
                 params = prepare_workspace(root, work, px, env)
                 rows += measure(work, params, counts, env)
     fits = {stage: fit(rows, stage) for stage in STAGES}
-    report = {"rows": rows, "fit": fits,
+    report = {"rows": rows, "fit": fits, "lines": {k: lines(rows, k) for k in MEASURED},
               "target": {"images": TARGET_IMAGES, "px": TARGET_PX, "budget_gb": BUDGET_GB},
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -186,27 +205,28 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
-    lines = ["# Peak memory of sample and evaluate", "",
-             f"Environment: {report['environment']}. One process per stage, peak RSS of the stage's processes; "
-             "three configurations sampled and evaluated per row (base with and without CFG, one GRPO run).", "",
-             "| px | images | sample peak MB | evaluate peak MB |", "|---|---|---|---|"]
-    lines += [f"| {r['px']} | {r['images']} | {r['sample_peak_mb']:.0f} | {r['evaluate_peak_mb']:.0f} |" for r in rows]
-    lines += ["", "| stage | px | bytes per image (slope) | intercept MB | largest residual MB |",
-              "|---|---|---|---|---|"]
-    for stage, f in fits.items():
-        for P, line in f["per_size"].items():
-            px = int(round((int(P) / 3) ** 0.5))
-            lines.append(f"| {stage} | {px} | {line['bytes_per_image']:.0f} | {line['intercept_mb']:.0f} | "
-                         f"{line['max_residual_mb']:.1f} |")
-    lines += ["", "| stage | c: bytes kept per pixel value of every image | b: bytes per image | kept at 50,000 "
-              "x 384 px | batch in flight at 384 px | features at Inception width | extrapolated | under "
-              f"{BUDGET_GB:.0f} GB |", "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {s} | {f['bytes_per_pixel_value_per_image']:.4f} | {f['bytes_per_image']:.0f} | "
-              f"{f['kept_per_image_gb']:.2f} GB | {f['batch_in_flight_gb']:.2f} GB | "
-              f"{f['features_gb']:.2f} GB | {f['extrapolated_gb']:.2f} GB | "
-              f"{'yes' if f['under_budget'] else 'no'} |" for s, f in fits.items()]
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    text = ["# Peak memory of sample and evaluate", "",
+            f"Environment: {report['environment']}. One process per stage, peak RSS of the stage's processes; "
+            "three configurations sampled and evaluated per row (base with and without CFG, one GRPO run). "
+            "`evaluate stream`: the evaluate stage's first phase alone (features of every set, no metrics).", "",
+            "| px | images | sample peak MB | evaluate stream peak MB | evaluate peak MB |", "|---|---|---|---|---|"]
+    text += [f"| {r['px']} | {r['images']} | {r['sample_peak_mb']:.0f} | {r['evaluate_stream_peak_mb']:.0f} | "
+             f"{r['evaluate_peak_mb']:.0f} |" for r in rows]
+    text += ["", "| measured | px | bytes per image (slope) | intercept MB | largest residual MB |",
+             "|---|---|---|---|---|"]
+    for key in MEASURED:
+        for P, line in lines(rows, key).items():
+            text.append(f"| {key.replace('_', ' ')} | {round((P / 3) ** 0.5)} | {line['bytes_per_image']:.0f} | "
+                        f"{line['intercept_mb']:.0f} | {line['max_residual_mb']:.1f} |")
+    text += ["", "| stage | c: bytes kept per pixel value of every image (from) | b: bytes per image | kept at "
+             "50,000 x 384 px | batch in flight at 384 px | features at Inception width | extrapolated | under "
+             f"{BUDGET_GB:.0f} GB |", "|---|---|---|---|---|---|---|---|"]
+    text += [f"| {s} | {f['bytes_per_pixel_value_per_image']:.4f} ({f['c_from'].replace('_', ' ')}) | "
+             f"{f['bytes_per_image']:.0f} | {f['kept_per_image_gb']:.2f} GB | {f['batch_in_flight_gb']:.2f} GB | "
+             f"{f['features_gb']:.2f} GB | {f['extrapolated_gb']:.2f} GB | "
+             f"{'yes' if f['under_budget'] else 'no'} |" for s, f in fits.items()]
+    out.with_suffix(".md").write_text("\n".join(text) + "\n")
+    print("\n".join(text))
 
 
 if __name__ == "__main__":

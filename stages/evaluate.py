@@ -30,27 +30,34 @@ from argrpo.rewards.options import RewardOptions, build_rewards
 KEYS = ("fid", "is", "precision", "recall", "class_accuracy", "forward_passes_per_image", "seconds_per_image")
 
 
-def evaluate_config(folder: Path, extractor, ref: dict, cfg: EvaluateConfig, scorers: dict) -> dict[str, float]:
-    """The metrics of one sample set, streamed in batches of `evaluate.batch_size` images: memory holds the
-    features and one batch, never the set."""
-    cost = samples.cost(folder)
+def stream_features(folder: Path, extractor, batch_size: int, scorers: dict, total: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
+    """One pass over a sample set in batches of `batch_size` images: its features, class probabilities, labels
+    and reward-model scores. Memory holds these and one batch, never the set."""
     features, probs, labels, scores = [], [], [], {name: [] for name in scorers}
-    with tqdm(total=cost["num_images"], desc=f"evaluate {folder.name}", unit="img") as bar:
-        for batch in samples.batches(folder, cfg.batch_size):
+    with tqdm(total=total, desc=f"evaluate {folder.name}", unit="img") as bar:
+        for batch in samples.batches(folder, batch_size):
             images = to_tensor(batch["images"])
             f, p = extractor.features_and_probs(images)
             features.append(f.cpu().numpy().astype(np.float32))
             probs.append(p.cpu().numpy().astype(np.float32))
-            labels.append(batch["labels"])
+            labels.append(batch["labels"].copy())  # not a view that would keep its batch alive
             for name, (scorer, _) in scorers.items():
                 scores[name].append(scorer(images, torch.from_numpy(batch["conditions"])).double())
             bar.update(len(images))
-    features, probs, labels = np.concatenate(features), np.concatenate(probs), np.concatenate(labels)
+    return (np.concatenate(features), np.concatenate(probs), np.concatenate(labels),
+            {name: torch.cat(s) for name, s in scores.items()})
+
+
+def evaluate_config(folder: Path, extractor, ref: dict, cfg: EvaluateConfig, scorers: dict) -> dict[str, float]:
+    """The metrics of one sample set, streamed (`stream_features`)."""
+    cost = samples.cost(folder)
+    features, probs, labels, scores = stream_features(folder, extractor, cfg.batch_size, scorers, cost["num_images"])
     row = compute_metrics(ref["features"], features, probs, ref["mu"], ref["sigma"], k=cfg.k, splits=cfg.is_splits)
     known = labels >= 0  # images whose condition has a class
     row["class_accuracy"] = (float((probs.argmax(1)[known] == labels[known]).mean())
                              if probs.shape[1] > 1 and known.any() else float("nan"))
-    row.update({f"{name}_score": float(torch.cat(s).nanmean()) for name, s in scores.items()})
+    row.update({f"{name}_score": float(s.nanmean()) for name, s in scores.items()})
     row.update({k: v for k, v in cost.items() if k in KEYS})
     return row
 
