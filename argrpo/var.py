@@ -442,8 +442,8 @@ def load_msvq(path: str | Path, config: MSVQConfig) -> MSVQVAE:
 
 
 def save_state_dict(path: str | Path, state_dict: Mapping[str, torch.Tensor]) -> None:
-    """Write the bare state dict, as VAR's files are and as its loader reads them
-    (`load_state_dict(torch.load(path))`), atomically: a killed writer never leaves half a file."""
+    """Write the bare state dict, as VAR's published files are (read back with `read_state_dict`, weights
+    only), atomically: a killed writer never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

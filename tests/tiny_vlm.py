@@ -11,8 +11,15 @@ from transformers import (
 )
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
-           "<|video_pad|>"]
+
+def special(name: str) -> str:
+    """Qwen's spelling of a special token: the name between `<|` and `|>`."""
+    return f"<|{name}|>"
+
+
+PAD, EOS = special("endoftext"), special("im_end")
+SPECIAL = [PAD, special("im_start"), EOS, *map(special, ("vision_start", "vision_end", "image_pad", "video_pad"))]
+UNK = "[UNK]"  # this word-level vocabulary's own unknown token
 WORDS = ["user", "assistant", "Yes", "No", "yes", "no", "a", "an", "photo", "of", "seven", "thick", "3", "score",
          "{", "}", ":", '"', ",", ".", "?", "json", "```", "Is", "Does", "this", "image", "show", "Answer", "or",
          "real", "free", "strange", "features"]
@@ -26,11 +33,11 @@ CHAT_TEMPLATE = (
 
 
 def tiny_processor() -> Qwen2_5_VLProcessor:
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS + ["<unk>"])}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS + [UNK])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", pad_token="<|endoftext|>",
-                                      eos_token="<|im_end|>", additional_special_tokens=SPECIAL[1:])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=UNK, pad_token=PAD, eos_token=EOS,
+                                      additional_special_tokens=SPECIAL[1:])
     # 4-pixel patches merged 2 x 2: a 16 x 16 image is 16 patches, 4 image tokens
     sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
     images = Qwen2VLImageProcessor(**sizes, min_pixels=16 * 16, max_pixels=32 * 32)
@@ -44,12 +51,12 @@ def tiny_qwen_vl(processor: Qwen2_5_VLProcessor, seed: int = 0) -> Qwen2_5_VLFor
         text_config=dict(vocab_size=len(processor.tokenizer), hidden_size=32, intermediate_size=64,
                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                          rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e4},
-                         pad_token_id=ids("<|endoftext|>"), eos_token_id=ids("<|im_end|>"), bos_token_id=None),
+                         pad_token_id=ids(PAD), eos_token_id=ids(EOS), bos_token_id=None),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32, window_size=16,
                            fullatt_block_indexes=[1]),
-        image_token_id=ids("<|image_pad|>"), video_token_id=ids("<|video_pad|>"),
-        vision_start_token_id=ids("<|vision_start|>"), vision_end_token_id=ids("<|vision_end|>"),
+        image_token_id=ids(special("image_pad")), video_token_id=ids(special("video_pad")),
+        vision_start_token_id=ids(special("vision_start")), vision_end_token_id=ids(special("vision_end")),
     )
     torch.manual_seed(seed)
     return Qwen2_5_VLForConditionalGeneration(config).eval()
