@@ -1,10 +1,10 @@
 """Sample sets on disk, written and read shard by shard so that no stage holds a whole set in memory.
 
-The sample stage writes every configuration (`base_cfg`, `grpo_loofid_s0_nocfg`, ...) as
+The sample stage writes every configuration (`base_cfg`, `grpo_loofid_s0_nocfg`, ...) as (the png stage
+copies the first images to samples_png/ for people)
 
     samples/<configuration>/shard-<start>-<stop>.npz   images uint8 [n, H, W, 3], conditions [n], labels [n]
                                                        of the image indices start..stop-1 (zero-padded)
-    samples/<configuration>/<index>_<what>.png          the first `sample.save_png` images, for people
     samples/<configuration>.json                        the sampling cost; written last, so a set without
                                                         it is incomplete and never evaluated
 

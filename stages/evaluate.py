@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from common import condition_set, extractor, params, preflight, run_stage, stage, write_json
-from tqdm import tqdm
 
 from argrpo import samples
 from argrpo.data import load_dataset, to_tensor
@@ -34,19 +33,18 @@ def stream_features(folder: Path, extractor, batch_size: int, scorers: dict, tot
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, torch.Tensor]]:
     """One pass over a sample set in batches of `batch_size` images: its features, class probabilities, labels
     and reward-model scores. Memory holds these and one batch, never the set."""
-    features, probs, labels, scores = [], [], [], {name: [] for name in scorers}
-    with tqdm(total=total, desc=f"evaluate {folder.name}", unit="img") as bar:
+    labels, scores = [], {name: [] for name in scorers}
+
+    def images():  # each batch's labels and scores are taken as it goes to the feature network
         for batch in samples.batches(folder, batch_size):
-            images = to_tensor(batch["images"])
-            f, p = extractor.features_and_probs(images)
-            features.append(f.cpu().numpy().astype(np.float32))
-            probs.append(p.cpu().numpy().astype(np.float32))
+            x = to_tensor(batch["images"])
             labels.append(batch["labels"].copy())  # not a view that would keep its batch alive
             for name, (scorer, _) in scorers.items():
-                scores[name].append(scorer(images, torch.from_numpy(batch["conditions"])).double())
-            bar.update(len(images))
-    return (np.concatenate(features), np.concatenate(probs), np.concatenate(labels),
-            {name: torch.cat(s) for name, s in scores.items()})
+                scores[name].append(scorer(x, torch.from_numpy(batch["conditions"])).double())
+            yield x
+
+    features, probs = extract(extractor, images(), desc=f"evaluate {folder.name}", total=total)
+    return features, probs, np.concatenate(labels), {name: torch.cat(s) for name, s in scores.items()}
 
 
 def evaluate_config(folder: Path, extractor, ref: dict, cfg: EvaluateConfig, scorers: dict) -> dict[str, float]:

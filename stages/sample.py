@@ -44,7 +44,7 @@ def configurations(p: Params) -> dict[str, tuple[Path | None, SamplingConfig]]:
 
 def sample_configuration(p: Params, name: str, weights: Path | None, sampling: SamplingConfig, conditions, evaluation,
                          dist) -> float:
-    """Sample one configuration into samples/<name>/ (this process's shards); its sampling seconds."""
+    """Sample one configuration into samples/<name>/ (this process's shards); its device-seconds per image."""
     cfg, folder = p.sample, OUT / name
     if dist.is_main:  # shards of an earlier run with another batch size would not tile with the new ones
         shutil.rmtree(folder, ignore_errors=True)
@@ -60,14 +60,14 @@ def sample_configuration(p: Params, name: str, weights: Path | None, sampling: S
         labels = policy.labels(chunk.to(policy.device)).cpu().numpy()
         write_shard(folder, int(index[0]), pixels, chunk.numpy(), labels)
         start = time.perf_counter()
+    seconds_per_image = seconds * dist.world_size / cfg.num_images  # device-seconds
     barrier()
     if dist.is_main:
         shards(folder, cfg.num_images)  # every process's shards are there and tile the set exactly
-        cost = {"seconds_per_image": seconds * dist.world_size / cfg.num_images,  # device-seconds
-                "forward_passes_per_image": policy.forward_passes(sampling),
+        cost = {"seconds_per_image": seconds_per_image, "forward_passes_per_image": policy.forward_passes(sampling),
                 "cfg_scale": sampling.cfg_scale, "num_images": cfg.num_images, "processes": dist.world_size}
         write_json(OUT / f"{name}.json", cost)  # last: the mark of a complete set
-    return seconds
+    return seconds_per_image
 
 
 def main() -> None:
@@ -79,9 +79,9 @@ def main() -> None:
     conditions = torch.arange(cfg.num_images) % len(evaluation)  # balanced over the condition ids
     with stage("sample", p.raw.get("sample")) if dist.is_main else nullcontext() as run:
         for name, (weights, sampling) in configurations(p).items():
-            seconds = sample_configuration(p, name, weights, sampling, conditions, evaluation, dist)
+            seconds_per_image = sample_configuration(p, name, weights, sampling, conditions, evaluation, dist)
             if dist.is_main:
-                run.log_metrics({f"{name}/seconds_per_image": seconds * dist.world_size / cfg.num_images})
+                run.log_metrics({f"{name}/seconds_per_image": seconds_per_image})
     barrier()
     cleanup()
 
