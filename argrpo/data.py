@@ -12,6 +12,7 @@ does: skipping it would renumber every later class and silently change what a la
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """float [N, 3, H, W] in [-1, 1] -> uint8 [N, H, W, 3]."""
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    x = images.detach().float().clamp(-1, 1).add_(1).mul_(127.5).round_().to(torch.uint8)  # one float copy
     return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
@@ -152,8 +153,21 @@ class Dataset:
 
     def part(self, which: str) -> tuple[torch.Tensor, torch.Tensor]:
         """('train' | 'holdout' | 'all') -> images [n, 3, H, W] in [-1, 1], labels [n]."""
-        mask = {"train": self.split == 0, "holdout": self.split == 1, "all": np.ones_like(self.split, bool)}[which]
+        mask = self.mask(which)
         return to_tensor(self.images[mask]), torch.from_numpy(self.labels[mask])
+
+    def batches(self, which: str, batch_size: int) -> Iterator[torch.Tensor]:
+        """`part(which)`'s images in batches of `batch_size`, each made float only when it is needed: memory
+        is one batch, not the part (a real-scale reference set as float32 is gigabytes)."""
+        index = np.flatnonzero(self.mask(which))
+        for start in range(0, len(index), batch_size):
+            yield to_tensor(self.images[index[start : start + batch_size]])
+
+    def mask(self, which: str) -> np.ndarray:
+        masks = {"train": self.split == 0, "holdout": self.split == 1, "all": np.ones_like(self.split, bool)}
+        if which not in masks:
+            raise ValueError(f"unknown dataset part {which!r}; valid: {', '.join(masks)}")
+        return masks[which]
 
 
 def load_dataset(path: str | Path) -> Dataset:

@@ -9,7 +9,7 @@
 import numpy as np
 from common import extractor, params, preflight, run_stage, stage
 
-from argrpo.data import load_dataset, to_tensor
+from argrpo.data import load_dataset
 from argrpo.features import extract
 from argrpo.metrics import save_ref_stats
 
@@ -31,14 +31,16 @@ def main() -> None:
             np.savez("data/ref_stats.npz", **ref)
             run.log_metrics({"ref_images": len(ref.get("features", []))})
         else:
-            save_ref_stats("data/ref_stats.npz", *extract(eval_x, to_tensor(data.images), desc="ref_stats"))
+            save_ref_stats("data/ref_stats.npz", *extract(eval_x, data.batches("all", cfg.batch_size),
+                                                          desc="ref_stats", total=len(data.labels)))
             run.log_metrics({"ref_images": len(data.labels)})
         if shared and p.weights.ref_stats:  # LOO-FID compares against the same reference moments
             np.savez("data/reward_ref_stats.npz", mu=ref["mu"], sigma=ref["sigma"])
         else:
-            train_images, _ = data.part("train")  # the reward side never sees the evaluation network
-            save_ref_stats("data/reward_ref_stats.npz", reward_x.features(train_images).numpy())
-            run.log_metrics({"reward_ref_images": len(train_images)})
+            # the reward side never sees the evaluation network
+            train = [reward_x.features(batch).numpy() for batch in data.batches("train", cfg.batch_size)]
+            save_ref_stats("data/reward_ref_stats.npz", np.concatenate(train))
+            run.log_metrics({"reward_ref_images": int(data.mask("train").sum())})
 
 
 if __name__ == "__main__":

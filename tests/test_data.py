@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from argrpo.data import DataConfig, load_dataset, load_folder_images, prepare_dataset
+from argrpo.data import DataConfig, Dataset, load_dataset, load_folder_images, prepare_dataset
 
 
 def write_image(path, colour, size=(12, 10)):
@@ -77,3 +78,20 @@ def test_prepared_dataset_round_trips_and_a_truncated_one_names_its_path(tmp_pat
     assert str(out) in str(err.value) and "corrupt or truncated" in str(err.value)
     with pytest.raises(FileNotFoundError, match="prepare stage"):
         load_dataset(tmp_path / "none.npz")
+
+
+@pytest.mark.parametrize("which", ["train", "holdout", "all"])
+def test_batches_of_a_part_are_its_images_in_order(which):
+    rng = np.random.default_rng(0)
+    data = Dataset(rng.integers(0, 256, (11, 8, 8, 3), dtype=np.uint8), np.arange(11),
+                   np.array([0, 1, 0, 0, 1, 0, 1, 0, 0, 0, 1], np.int8), ["x"])
+    batches = list(data.batches(which, 3))
+    images, _ = data.part(which)
+    assert all(len(b) <= 3 for b in batches) and len(batches) == -(-len(images) // 3)
+    assert torch.equal(torch.cat(batches), images)
+
+
+def test_an_unknown_part_is_an_error_naming_the_valid_ones():
+    data = Dataset(np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2), np.zeros(2, np.int8), ["x"])
+    with pytest.raises(ValueError, match="'test'.*train, holdout, all"):
+        next(data.batches("test", 1))
