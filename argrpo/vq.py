@@ -49,6 +49,10 @@ VQ_PRESETS: dict[str, dict] = {
                   num_res_blocks=1, norm_groups=8, codebook_used_size=256),
     "tiny": dict(codebook_size=64, codebook_embed_dim=4, z_channels=16, ch=16, ch_mult=(1, 1),
                  num_res_blocks=1, norm_groups=8, codebook_used_size=64),
+    # VQ-16's 16x downsampling with tiny channels: 384 px images are LlamaGen's 24 x 24 tokens at a cost a CPU
+    # can decode (benchmarks/bench_memory.py measures real-scale image sizes with it)
+    "tiny-f16": dict(codebook_size=64, codebook_embed_dim=4, z_channels=8, ch=8, ch_mult=(1, 1, 1, 1, 1),
+                     num_res_blocks=1, norm_groups=4, codebook_used_size=64),
 }
 
 

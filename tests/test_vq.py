@@ -60,6 +60,15 @@ def test_downsampling_factors():
     assert len(meta_vq("VQ-8").encoder.conv_blocks) == 4
 
 
+def test_tiny_f16_decodes_24x24_tokens_into_384px_images_like_vq16():
+    config = vq_config("tiny-f16")
+    assert config.downsample == vq_config("VQ-16").downsample == 16
+    model = VQModel(config).eval()
+    with torch.no_grad():
+        pixels = model.decode_tokens(torch.randint(0, config.codebook_size, (1, 24 * 24)))
+    assert pixels.shape == (1, 3, 384, 384)
+
+
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="VQ-32") as err:
         vq_config("VQ-32")
