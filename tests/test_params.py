@@ -40,7 +40,7 @@ BAD = [
     ("model.family", "dalle", "must be one of llamagen, llamagen_t2i, var, got 'dalle'"),
     ("model.gpt_preset", "VAR-d16", "must be one of GPT-B, GPT-L, GPT-XL, GPT-XXL, GPT-3B, small, tiny for family "
                                     "llamagen, got 'VAR-d16'"),
-    ("model.vq_preset", "VAR-VQVAE", "must be one of VQ-16, VQ-8, small, tiny for family llamagen"),
+    ("model.vq_preset", "VAR-VQVAE", "must be one of VQ-16, VQ-8, small, tiny, tiny-f16 for family llamagen"),
     ("model.cls_token_num", 0, "must be >= 1, got 0"),
     ("model.caption_dim", "wide", "must be an integer, got 'wide'"),
     ("model.image_size", 15, "must be divisible by the tokenizer's downsampling"),
