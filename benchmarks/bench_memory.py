@@ -37,6 +37,10 @@ compute in float64) and 1008 class probabilities, and per reference image (50,00
 ImageNet batch holds 10,000) its features as float32 and float64. The models of real scale (weights of a
 GPT-XL or larger) are not in the estimate: it is about what grows with the images.
 
+A last measurement runs the sample stage's per-batch work (sampling, decoding, uint8 conversion, one shard
+per batch) at 384 px in the bench's own process, without the stage around it, and records RSS every five
+batches (`rss_trace`): a flat trace says the work itself keeps nothing per image.
+
 `--from-json reports/bench_memory.json` refits and rewrites the report from measured rows without running.
 """
 
@@ -144,6 +148,38 @@ def measure(work: Path, params: dict, counts: list[int], env: dict) -> list[dict
     return rows[1:]
 
 
+def rss_trace(images: int, every: int = 5) -> list[list[int]]:
+    """The sample stage's per-batch work at 384 px in this process, without the stage around it: sampling
+    with the `tiny` GPT over `tiny-f16` tokens (random weights), decoding, `to_uint8` and one shard written per
+    batch of BENCH_BATCH["sample"]; [batch, RSS MB] every `every` batches. Flat if the work keeps nothing."""
+    from argrpo.data import to_uint8
+    from argrpo.generator import LlamaGenPolicy, generate_chunks
+    from argrpo.gpt import GPT, gpt_config
+    from argrpo.samples import write_shard
+    from argrpo.sampling import SamplingConfig
+    from argrpo.vq import VQModel, vq_config
+
+    def rss_mb() -> int:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) // 1024
+
+    torch.manual_seed(0)
+    vq = vq_config("tiny-f16")
+    grid = TARGET_PX // vq.downsample
+    gpt = GPT(gpt_config("tiny", vocab_size=vq.codebook_size, num_classes=10, block_size=grid * grid))
+    policy = LlamaGenPolicy(gpt, VQModel(vq))
+    conditions = torch.arange(images) % 10
+    trace = []
+    with tempfile.TemporaryDirectory() as out:
+        chunks = generate_chunks(policy, conditions, SamplingConfig(), BENCH_BATCH["sample"], 0, desc="trace")
+        for i, (index, decoded) in enumerate(chunks):
+            labels = conditions[index].numpy()
+            write_shard(out, int(index[0]), to_uint8(decoded), labels, labels)
+            if i % every == 0:
+                trace.append([i, rss_mb()])
+    return trace + [[i, rss_mb()]]
+
+
 def lines(rows: list[dict], stage: str) -> dict[int, dict]:
     """Per image size (px): the line fitted to the peak RSS of `stage` against the image count."""
     out = {}
@@ -183,10 +219,15 @@ def main() -> None:
     parser.add_argument("--large-counts", type=int, nargs="+", default=[300, 600, 1200],
                         help=f"image counts at {TARGET_PX} px")
     parser.add_argument("--out", default="reports/bench_memory")
+    parser.add_argument("--trace-images", type=int, default=1500, help="images of the in-process RSS trace")
     parser.add_argument("--from-json", help="refit the rows of an earlier report instead of measuring")
+    parser.add_argument("--trace", action="store_true", help="with --from-json: rerun the RSS trace")
     args = parser.parse_args()
     if args.from_json:
-        rows = json.loads(Path(args.from_json).read_text())["rows"]
+        earlier = json.loads(Path(args.from_json).read_text())
+        rows, trace = earlier["rows"], earlier.get("trace")
+        if args.trace or trace is None:
+            trace = rss_trace(args.trace_images)
     else:
         rows = []
         root = Path.cwd()
@@ -197,8 +238,9 @@ def main() -> None:
                        "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
                 params = prepare_workspace(root, work, px, env)
                 rows += measure(work, params, counts, env)
+        trace = rss_trace(args.trace_images)
     fits = {stage: fit(rows, stage) for stage in STAGES}
-    report = {"rows": rows, "fit": fits, "lines": {stage: lines(rows, stage) for stage in STAGES},
+    report = {"rows": rows, "trace": trace, "fit": fits, "lines": {stage: lines(rows, stage) for stage in STAGES},
               "target": {"images": TARGET_IMAGES, "px": TARGET_PX, "budget_gb": BUDGET_GB},
               "environment": {"torch": torch.__version__, "python": platform.python_version(),
                               "cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
@@ -224,6 +266,8 @@ def main() -> None:
     text += [f"| {s} | {f['intercept_gb']:.2f} GB | {f['growth_gb']:.2f} GB ({f['bytes_per_image']:.0f} B/image) | "
              f"{f['larger_batch_gb']:.2f} GB | {f['features_gb']:.2f} GB | {f['extrapolated_gb']:.2f} GB | "
              f"{'yes' if f['under_budget'] else 'no'} |" for s, f in fits.items()]
+    text += ["", f"In-process trace of the sample stage's per-batch work at {TARGET_PX} px (`rss_trace`), "
+             f"batches of {BENCH_BATCH['sample']}: RSS MB " + ", ".join(f"{mb} (batch {i})" for i, mb in trace) + "."]
     out.with_suffix(".md").write_text("\n".join(text) + "\n")
     print("\n".join(text))
 
