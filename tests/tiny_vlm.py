@@ -18,7 +18,8 @@ def special(name: str) -> str:
 
 
 PAD, EOS = special("endoftext"), special("im_end")
-SPECIAL = [PAD, special("im_start"), EOS, *map(special, ("vision_start", "vision_end", "image_pad", "video_pad"))]
+CONTROL_TOKENS = [PAD, special("im_start"), EOS,
+                  *map(special, ("vision_start", "vision_end", "image_pad", "video_pad"))]
 UNK = "[UNK]"  # this word-level vocabulary's own unknown token
 WORDS = ["user", "assistant", "Yes", "No", "yes", "no", "a", "an", "photo", "of", "seven", "thick", "3", "score",
          "{", "}", ":", '"', ",", ".", "?", "json", "```", "Is", "Does", "this", "image", "show", "Answer", "or",
@@ -33,11 +34,11 @@ CHAT_TEMPLATE = (
 
 
 def tiny_processor() -> Qwen2_5_VLProcessor:
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS + [UNK])}
+    vocab = {token: i for i, token in enumerate(CONTROL_TOKENS + WORDS + [UNK])}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=UNK, pad_token=PAD, eos_token=EOS,
-                                      additional_special_tokens=SPECIAL[1:])
+                                      additional_special_tokens=CONTROL_TOKENS[1:])
     # 4-pixel patches merged 2 x 2: a 16 x 16 image is 16 patches, 4 image tokens
     sizes = dict(patch_size=4, merge_size=2, temporal_patch_size=2)
     images = Qwen2VLImageProcessor(**sizes, min_pixels=16 * 16, max_pixels=32 * 32)
