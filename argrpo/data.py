@@ -163,6 +163,9 @@ class Dataset:
         for start in range(0, len(index), batch_size):
             yield to_tensor(self.images[index[start : start + batch_size]])
 
+    def count(self, which: str) -> int:
+        return int(self.mask(which).sum())
+
     def mask(self, which: str) -> np.ndarray:
         masks = {"train": self.split == 0, "holdout": self.split == 1, "all": np.ones_like(self.split, bool)}
         if which not in masks:

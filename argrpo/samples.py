@@ -1,7 +1,6 @@
 """Sample sets on disk, written and read shard by shard so that no stage holds a whole set in memory.
 
-The sample stage writes every configuration (`base_cfg`, `grpo_loofid_s0_nocfg`, ...) as (the png stage
-copies the first images to samples_png/ for people)
+The sample stage writes every configuration (`base_cfg`, `grpo_loofid_s0_nocfg`, ...) as
 
     samples/<configuration>/shard-<start>-<stop>.npz   images uint8 [n, H, W, 3], conditions [n], labels [n]
                                                        of the image indices start..stop-1 (zero-padded)
@@ -12,7 +11,8 @@ Each process writes the shards of its own chunks (one per sampling call), atomic
 leaves whole shards or none. Readers check that the shards tile 0..N-1 exactly and stream them: `batches`
 re-cuts the stream into fixed-size batches independent of the shard boundaries, so features computed
 from a stream equal those computed from the whole set in memory, batch for batch. Memory is one shard
-plus one batch, whatever the number of images.
+plus one batch, whatever the number of images. The png stage copies the first images of each set to
+samples_png/ for people.
 """
 
 from __future__ import annotations

@@ -61,6 +61,14 @@ import numpy as np
 import torch
 import yaml
 
+from argrpo.data import to_uint8
+from argrpo.generator import LlamaGenPolicy, generate_chunks
+from argrpo.gpt import GPT, gpt_config
+from argrpo.params import merge
+from argrpo.samples import write_shard
+from argrpo.sampling import SamplingConfig
+from argrpo.vq import VQModel, vq_config
+
 TARGET_IMAGES, TARGET_PX, BUDGET_GB = 50_000, 384, 8.0
 INCEPTION_DIM, INCEPTION_CLASSES, REFERENCE_IMAGES = 2048, 1008, 50_000
 STAGES = ("sample", "evaluate")
@@ -91,14 +99,6 @@ def peak_rss_mb(cmd: list[str], cwd: Path, env: dict) -> float:
     return int((cwd / "peak_kb").read_text()) / 1024
 
 
-def merge(base: dict, override: dict) -> None:
-    for key, value in override.items():
-        if isinstance(value, dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
-
-
 def scratch_params(root: Path, px: int | None) -> dict:
     """The workspace's params with one GRPO run, one process, no PNGs; at `px`, the scratch chain's."""
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -107,7 +107,7 @@ def scratch_params(root: Path, px: int | None) -> dict:
     params["distributed"]["nproc_per_node"] = 1
     params["sample"]["save_png"] = 0
     if px is not None:
-        merge(params, LARGE)
+        params = merge(params, LARGE)
         params["data"]["image_size"] = params["model"]["image_size"] = px
     return params
 
@@ -134,7 +134,7 @@ def prepare_workspace(root: Path, work: Path, px: int | None, env: dict) -> dict
 
 def measure(work: Path, params: dict, counts: list[int], env: dict) -> list[dict]:
     px = params["model"]["image_size"]
-    batch = BENCH_BATCH["sample"] if px == TARGET_PX else 250
+    batch = BENCH_BATCH["sample"] if px == TARGET_PX else REAL_BATCH["sample"]
     rows = []
     for n in [2 * batch, *counts]:  # the first run, not recorded, creates the tracking store and warms caches
         params["sample"].update(num_images=n, batch_size=min(batch, n))
@@ -152,13 +152,6 @@ def rss_trace(images: int, every: int = 5) -> list[list[int]]:
     """The sample stage's per-batch work at 384 px in this process, without the stage around it: sampling
     with the `tiny` GPT over `tiny-f16` tokens (random weights), decoding, `to_uint8` and one shard written per
     batch of BENCH_BATCH["sample"]; [batch, RSS MB] every `every` batches. Flat if the work keeps nothing."""
-    from argrpo.data import to_uint8
-    from argrpo.generator import LlamaGenPolicy, generate_chunks
-    from argrpo.gpt import GPT, gpt_config
-    from argrpo.samples import write_shard
-    from argrpo.sampling import SamplingConfig
-    from argrpo.vq import VQModel, vq_config
-
     def rss_mb() -> int:
         status = Path("/proc/self/status").read_text()
         return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1]) // 1024

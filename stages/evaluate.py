@@ -97,7 +97,7 @@ def main() -> None:
         # the floor a generator can reach: held-out real images scored the same way (fewer images, so a
         # slightly higher FID than the same number of real images would give)
         data = load_dataset("data/dataset.npz")
-        held = int(data.mask("holdout").sum())
+        held = data.count("holdout")
         floor = compute_metrics(ref["features"], *extract(eval_x, data.batches("holdout", cfg.batch_size),
                                                           desc="held-out real", total=held),
                                 ref["mu"], ref["sigma"], k=cfg.k, splits=cfg.is_splits)

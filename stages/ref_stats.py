@@ -38,9 +38,10 @@ def main() -> None:
             np.savez("data/reward_ref_stats.npz", mu=ref["mu"], sigma=ref["sigma"])
         else:
             # the reward side never sees the evaluation network
-            train = [reward_x.features(batch).numpy() for batch in data.batches("train", cfg.batch_size)]
-            save_ref_stats("data/reward_ref_stats.npz", np.concatenate(train))
-            run.log_metrics({"reward_ref_images": int(data.mask("train").sum())})
+            train = data.count("train")
+            features, _ = extract(reward_x, data.batches("train", cfg.batch_size), desc="reward_ref_stats", total=train)
+            save_ref_stats("data/reward_ref_stats.npz", features)
+            run.log_metrics({"reward_ref_images": train})
 
 
 if __name__ == "__main__":
